@@ -9,6 +9,7 @@ backbone's subtree only, and tracking keys reach no training rule.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,22 +50,85 @@ def _with_defaults(validator_class: type) -> type:
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
+    """Dotted path of the offending key, list positions in brackets: ``backbones.inceptionv3.epochs``."""
     parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path]
     return ".".join(parts).replace(".[", "[") or "<top level>"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    """One line per problem, naming the key and what to do."""
+def _resolve_ref(ref: str, root: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The subschema a local ``$ref`` ("#/$defs/name") points to; None for any other reference."""
+    if not ref.startswith("#"):
+        return None
+    node: Any = root
+    for token in filter(None, ref[1:].split("/")):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or token not in node:
+            return None
+        node = node[token]
+    return node if isinstance(node, Mapping) else None
+
+
+def _pattern_names(pattern: str) -> list[str]:
+    """Literal names of a ``patternProperties`` key like "^(a|b)$"; [] for an open pattern like ".*"."""
+    body = pattern.removeprefix("^").removesuffix("$")
+    if body.startswith("(") and body.endswith(")"):
+        body = body[1:-1]
+    names = body.split("|")
+    return names if all(re.fullmatch(r"[A-Za-z0-9_\-]+", n) for n in names) else []
+
+
+def _allowed_keys(schema: Mapping[str, Any], root: Mapping[str, Any], *, through: bool) -> list[str]:
+    """Key names a schema accepts: its properties and literal pattern names.
+
+    With ``through`` (the rule of ``unevaluatedProperties``) the names of subschemas reached via
+    ``allOf``/``anyOf``/``oneOf`` and local ``$ref`` count too; ``additionalProperties`` sees only
+    the schema's own keywords.
+    """
+    names: set[str] = set()
+    seen: set[int] = set()
+
+    def gather(node: Mapping[str, Any], follow: bool) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        names.update((node.get("properties") or {}).keys())
+        for pattern in node.get("patternProperties") or {}:
+            names.update(_pattern_names(pattern))
+        if not follow:
+            return
+        target = _resolve_ref(node["$ref"], root) if isinstance(node.get("$ref"), str) else None
+        if target is not None:
+            gather(target, True)
+        for keyword in ("allOf", "anyOf", "oneOf"):
+            for sub in node.get(keyword) or []:
+                if isinstance(sub, Mapping):
+                    gather(sub, True)
+
+    gather(schema, through)
+    return sorted(names)
+
+
+def _describe(error: jsonschema.ValidationError, root: Mapping[str, Any] | None = None) -> str | None:
+    """One line naming the key and what to do; None for an echo of another error.
+
+    ``root`` is the whole schema, needed to follow ``$ref`` when listing a block's allowed keys.
+    """
+    root = root if root is not None else load_schema()
     where = _key_path(error)
+    scope = f"under '{where}'" if where != "<top level>" else "at the top level"
     if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted((error.schema.get("properties") or {}).keys())
+        allowed = _allowed_keys(error.schema, root, through=error.validator == "unevaluatedProperties")
         extra = [k for k in error.instance if k not in allowed] if isinstance(error.instance, dict) else []
-        if error.validator == "additionalProperties" and error.schema.get("patternProperties"):
-            allowed = allowed + [p.strip("^$()") for p in error.schema["patternProperties"]]
+        if error.validator == "unevaluatedProperties" and not extra:
+            # Keys count as unevaluated when the allOf branch that knows them failed; that
+            # failure has its own message, so repeating the keys as unknown would mislead.
+            return None
         names = ", ".join(repr(k) for k in extra) or error.message
-        scope = f"under '{where}'" if where != "<top level>" else "at the top level"
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
         return f"unknown config key {names} {scope}{hint} (check the spelling)"
+    if "propertyNames" in error.schema_path and error.validator == "enum":
+        allowed = ", ".join(map(str, error.validator_value))
+        return f"unknown config key {error.instance!r} {scope}; allowed keys: {allowed} (check the spelling)"
     if error.validator == "propertyNames":
         return f"config key '{where}': {error.message}"
     if error.validator == "type":
@@ -77,6 +141,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         return f"config key '{where}' is out of range: {error.message}"
     if error.validator == "oneOf" and error.context:
+        types = [e.validator_value for e in error.context if e.validator == "type"]
+        if len(types) == len(error.context):
+            return f"config key '{where}' must be of type {' or '.join(map(str, types))}, got {error.instance!r}"
         inner = min(error.context, key=lambda e: len(e.message))
         return f"config key '{where}' is invalid: {inner.message}"
     return f"config key '{where}' is invalid: {error.message}"
@@ -91,7 +158,9 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
     validator = _with_defaults(Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
     if errors:
-        lines = sorted({_describe(e) for e in errors})
+        lines = sorted({line for e in errors if (line := _describe(e, schema))})
+        # An echo-only error list cannot happen with a well-formed schema; never pass silently.
+        lines = lines or sorted({e.message for e in errors})
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {line}" for line in lines))
     _check_semantics(config)
     return config
