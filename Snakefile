@@ -1,0 +1,37 @@
+# allfuse: raw ALL-IDB archives -> manifests and splits -> Optuna studies -> ensemble members
+# -> ensemble and fused predictions with uncertainty -> metric tables and plots.
+# Rules live in rules/*.smk; all logic lives in the allfuse library; see docs/ARCHITECTURE.md.
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+# A clear one-line-per-key message first; then Snakemake's own validation fills the defaults.
+try:
+    from allfuse.config import validate_config
+    from allfuse.errors import ConfigError
+except ImportError as exc:
+    raise WorkflowError(
+        f"cannot import the allfuse library ({exc}); install the project first: "
+        "see README, Quickstart"
+    )
+try:
+    validate_config(config)
+except ConfigError as exc:
+    raise WorkflowError(str(exc))
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,120 @@
+"""Shared plumbing of the workflow adapters (not part of the library).
+
+Every adapter does three things: unpack the ``snakemake`` object, send logging into the rule's
+``log:`` file, and call one ``allfuse`` function. ``run`` does the logging and turns an
+``AllfuseError`` into one clear line in the log (and on stderr) with a non-zero exit, instead of a
+traceback. ``mock_snakemake`` builds the same object outside Snakemake so that any adapter can be
+run by hand for debugging:
+
+    python workflow_scripts/make_splits.py dataset=ALL_IDB1 [--configfile my.yaml]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# Make the library importable when a rule runs in an environment where allfuse is not installed
+# (e.g. `--sdm conda` with the envs/*.yaml files).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from allfuse.errors import AllfuseError  # noqa: E402
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(log_path: str | os.PathLike[str] | None, level: int = logging.INFO) -> logging.Logger:
+    """Send Python logging, warnings and uncaught exceptions to ``log_path`` and to stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    # Third-party chatter that drowns the rule's own messages.
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "h5py", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("allfuse")
+
+    def excepthook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
+        log.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+    sys.excepthook = excepthook
+    return log
+
+
+def run(main: Callable[[Any, logging.Logger], None], smk: Any) -> None:
+    """Run an adapter's ``main(snakemake, log)`` with logging set up from the rule's ``log:``."""
+    log_path = smk.log[0] if len(smk.log) else None
+    log = setup_logging(log_path)
+    wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
+    log.info("rule %s %s", smk.rule, wildcards)
+    start = time.perf_counter()
+    try:
+        main(smk, log)
+    except AllfuseError as exc:
+        log.error("%s", exc)
+        logging.shutdown()
+        sys.exit(1)
+    log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
+
+
+def mock_snakemake(rule_name: str, configfiles: list[str] | None = None, **wildcards: str) -> Any:
+    """A ``snakemake`` object for ``rule_name`` with ``wildcards``, built from the real workflow.
+
+    Uses Snakemake's API to load the Snakefile (config validation included) and expand the rule's
+    input, output, params and log exactly as a scheduled job would.
+    """
+    from snakemake.api import SnakemakeApi
+    from snakemake.dag import DAG
+    from snakemake.jobs import Job
+    from snakemake.script import Snakemake
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    os.chdir(REPO)
+    with SnakemakeApi(OutputSettings(quiet={"all"} if False else None)) as api:  # type: ignore[arg-type]
+        settings = ConfigSettings(configfiles=[Path(c).resolve() for c in (configfiles or [])])
+        workflow_api = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=settings,
+            snakefile=REPO / "Snakefile",
+            workdir=REPO,
+        )
+        workflow = workflow_api._workflow
+        rule = workflow.get_rule(rule_name)
+        dag = DAG(workflow, rules=[rule])
+        job = Job(rule, dag, wildcards_dict=wildcards)
+        return Snakemake(
+            job.input,
+            job.output,
+            job.params,
+            job.wildcards,
+            job.threads,
+            job.resources,
+            job.log,
+            workflow.config,
+            rule.name,
+            None,
+        )
+
+
+def standalone(rule_name: str) -> Any:
+    """Parse ``key=value`` wildcards and ``--configfile`` from the command line; build the object."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=f"Run the adapter of rule '{rule_name}' outside Snakemake (for debugging).",
+        epilog="Example: python workflow_scripts/train_member.py dataset=ALL_IDB2 backbone=mobilenetv2 seed=1",
+    )
+    parser.add_argument("wildcards", nargs="*", help="wildcard values as name=value")
+    parser.add_argument("--configfile", action="append", help="extra config file(s), as for snakemake")
+    args = parser.parse_args()
+    wildcards = dict(item.split("=", 1) for item in args.wildcards)
+    return mock_snakemake(rule_name, configfiles=args.configfile, **wildcards)

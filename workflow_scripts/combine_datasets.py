@@ -1,0 +1,21 @@
+"""Rule combine_datasets: pool the ALL_IDB1 and ALL_IDB2 manifests and image caches."""
+
+from _common import run, standalone
+
+from allfuse.data import combine_datasets, load_images, read_manifest, summarise_rows, write_dataset
+
+
+def main(smk, log):
+    parts = [
+        (read_manifest(manifest), load_images(images, mmap=True))
+        for manifest, images in zip(smk.input.manifests, smk.input.images, strict=True)
+    ]
+    rows, images = combine_datasets(parts)
+    write_dataset(smk.output.manifest, smk.output.images, rows, images)
+    log.info("%s", summarise_rows(rows))
+
+
+if __name__ == "__main__":
+    if "snakemake" not in globals():
+        snakemake = standalone("combine_datasets")
+    run(main, snakemake)

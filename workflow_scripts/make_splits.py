@@ -1,0 +1,35 @@
+"""Rule make_splits: deterministic train/val/test split(s) of one dataset."""
+
+from _common import run, standalone
+
+from allfuse.data import read_manifest
+from allfuse.io import write_json
+from allfuse.splits import make_split, merge_groups, pixel_groups, read_groups_csv, split_summary
+
+
+def main(smk, log):
+    rows = read_manifest(smk.input.manifest)
+    cfg = smk.params.split
+    groups = None
+    if cfg["protocol"] in ("grouped", "kfold"):
+        maps = [pixel_groups(rows)] + [read_groups_csv(path) for path in smk.input.groups]
+        groups = merge_groups([row["image_id"] for row in rows], *maps)
+    split = make_split(
+        rows,
+        dataset=smk.wildcards.dataset,
+        protocol=cfg["protocol"],
+        seed=cfg["seed"],
+        test_fraction=cfg["test_fraction"],
+        val_fraction=cfg["val_fraction"],
+        n_folds=cfg["n_folds"],
+        n_repeats=cfg["n_repeats"],
+        groups=groups,
+    )
+    write_json(smk.output.split, split)
+    log.info("%s", split_summary(split, rows))
+
+
+if __name__ == "__main__":
+    if "snakemake" not in globals():
+        snakemake = standalone("make_splits")
+    run(main, snakemake)
