@@ -315,3 +315,22 @@ def run_exists(uri: str, run_id: str) -> bool:
         return True
     except MlflowException:
         return False
+
+
+def init_tracking(tracking: Mapping[str, Any], root: Path | str = ".") -> dict[str, str]:
+    """Create the store and the configured experiment once; return what later jobs need to log."""
+    uri = resolve_uri(tracking.get("uri"), root)
+    name = tracking["experiment"]
+    ids = init_store(uri, [name], root)
+    return {"uri": uri, "experiment": name, "experiment_id": ids[name]}
+
+
+def start_parent_run(store: Mapping[str, str], run_name: str, tags: Mapping[str, Any]) -> dict[str, str]:
+    """Create a parent run (left RUNNING until its ensemble is aggregated); return its identity."""
+    run = create_run(store["uri"], store["experiment"], run_name, tags=tags)
+    return {
+        "run_id": run.run_id,
+        "experiment": store["experiment"],
+        "experiment_id": experiment_id(store["uri"], store["experiment"]),
+        "tracking_uri": store["uri"],
+    }

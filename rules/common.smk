@@ -68,3 +68,53 @@ def data_targets():
 
 def all_targets():
     return data_targets()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config slices handed to rules through params (Snakemake's params trigger reruns exactly the
+# jobs whose slice changed).
+# ---------------------------------------------------------------------------------------------
+
+
+def settings_of(wildcards):
+    """Resolved hybrid settings of one backbone (hybrid defaults + its own block)."""
+    return afc.backbone_settings(config, wildcards.backbone)
+
+
+def features_of(wildcards):
+    return afc.feature_settings(config, wildcards.backbone)
+
+
+def tune_of(wildcards):
+    return afc.tune_settings(config, wildcards.backbone)
+
+
+def mode_of(backbone):
+    return afc.backbone_settings(config, backbone)["mode"]
+
+
+def training_data(wildcards, subsets=("train", "val", "test")):
+    """Inputs a model of this backbone trains on: cached features (head) or images (finetune)."""
+    if mode_of(wildcards.backbone) == "head":
+        base = f"{RESULTS}/features/{wildcards.dataset}/{wildcards.backbone}"
+        return {subset: f"{base}/{subset}.npz" for subset in subsets}
+    base = f"{RESULTS}/data/{wildcards.dataset}"
+    return {"manifest": f"{base}/manifest.csv", "images": f"{base}/images.npy"}
+
+
+def tuning_data(wildcards):
+    # The test subset is not an input of tuning: the study cannot read it.
+    return training_data(wildcards, subsets=("train", "val"))
+
+
+def best_params_input(wildcards):
+    if config["tune"]["n_trials"] > 0:
+        return [f"{RESULTS}/tune/{wildcards.dataset}/{wildcards.backbone}/best_params.json"]
+    return []
+
+
+SEEDS = list(config["ensemble"]["seeds"])
+
+
+def member_dirs(dataset, backbone):
+    return [f"{RESULTS}/members/{dataset}/{backbone}/seed{seed}" for seed in SEEDS]

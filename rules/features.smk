@@ -1,0 +1,30 @@
+# Head mode: each image's backbone feature map, once per (dataset, backbone, input size), with
+# augmented views of training images only.
+
+
+rule extract_features:
+    input:
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.csv",
+        images=f"{RESULTS}/data/{{dataset}}/images.npy",
+        split=f"{RESULTS}/splits/{{dataset}}.json",
+    output:
+        train=f"{RESULTS}/features/{{dataset}}/{{backbone}}/train.npz",
+        val=f"{RESULTS}/features/{{dataset}}/{{backbone}}/val.npz",
+        test=f"{RESULTS}/features/{{dataset}}/{{backbone}}/test.npz",
+    log:
+        f"{LOGS}/features/{{dataset}}/{{backbone}}.log",
+    benchmark:
+        f"{BENCH}/features/{{dataset}}/{{backbone}}.tsv"
+    conda:
+        "../envs/train.yaml"
+    params:
+        features=features_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=60,
+    script:
+        f"{SCRIPTS}/extract_features.py"

@@ -1,0 +1,31 @@
+# Deep-ensemble members: one job per (dataset, backbone, seed), each its own GPU job.
+
+
+rule train_member:
+    input:
+        unpack(training_data),
+        split=f"{RESULTS}/splits/{{dataset}}.json",
+        best=best_params_input,
+        parent=ancient(f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json"),
+    output:
+        model=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/model.keras",
+        predictions=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/predictions.csv",
+        history=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/history.csv",
+        run=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/run.json",
+    log:
+        f"{LOGS}/members/{{dataset}}/{{backbone}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/train.yaml"
+    params:
+        settings=settings_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=120,
+    script:
+        f"{SCRIPTS}/train_member.py"

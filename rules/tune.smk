@@ -1,0 +1,31 @@
+# Bayesian optimisation: one Optuna study per (dataset, backbone) on validation data only. The
+# study lives in study.db next to the outputs; it is mutated in place (resumable), so it is not a
+# declared output.
+
+
+rule tune_backbone:
+    input:
+        unpack(tuning_data),
+        split=f"{RESULTS}/splits/{{dataset}}.json",
+        store=ancient(f"{RESULTS}/mlflow/store.json"),
+    output:
+        best=f"{RESULTS}/tune/{{dataset}}/{{backbone}}/best_params.json",
+        trials=f"{RESULTS}/tune/{{dataset}}/{{backbone}}/trials.csv",
+    log:
+        f"{LOGS}/tune/{{dataset}}/{{backbone}}.log",
+    benchmark:
+        f"{BENCH}/tune/{{dataset}}/{{backbone}}.tsv"
+    conda:
+        "../envs/train.yaml"
+    params:
+        settings=settings_of,
+        tune=tune_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=240,
+    script:
+        f"{SCRIPTS}/tune_backbone.py"
