@@ -115,8 +115,10 @@ def merge_groups(ids: list[str], *maps: Mapping[str, str]) -> dict[str, str]:
     Each map sends image ids to group labels; images sharing a label in one map are related, and
     relations chain across maps (A~B by hash and B~C by slide puts A, B, C in one group). Labels
     of different maps never meet, so a slide called "Im001" cannot join a hash group by name.
-    Images of ``ids`` that no map mentions are their own group; map entries for images not in
-    ``ids`` are ignored with a warning. A component is named after its smallest image id, so the
+    A label that is itself an image id of ``ids`` joins that image: a crop-to-slide map written
+    as ``ALL_IDB2/Im001_1 -> ALL_IDB1/Im009_1`` keeps the crop with its slide even when the
+    slide has no row of its own. Images of ``ids`` that no map mentions are their own group; map
+    entries for images not in ``ids`` are ignored with a warning. A component is named after its smallest image id, so the
     result depends only on the relations, not on the order of ids or the spelling of labels.
     """
     known = set(ids)
@@ -128,22 +130,27 @@ def merge_groups(ids: list[str], *maps: Mapping[str, str]) -> dict[str, str]:
             x = parent[x]
         return x
 
+    def union(x: str, y: str) -> None:
+        a, b = find(x), find(y)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
     unknown: set[str] = set()
     for mapping in maps:
-        first_of_label: dict[str, str] = {}
+        first_of_label: dict[Any, str] = {}
         for image_id, label in mapping.items():
             if image_id not in known:
                 unknown.add(image_id)
                 continue
             anchor = first_of_label.setdefault(label, image_id)
-            a, b = find(anchor), find(image_id)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
+            union(anchor, image_id)
+        for label, anchor in first_of_label.items():
+            if label in known:
+                union(label, anchor)
     if unknown:
         example = ", ".join(sorted(unknown)[:3])
         logger.warning(
-            "%d image id(s) of the group map are not in this dataset and are ignored (e.g. %s); "
-            "ids look like %r",
+            "%d image id(s) of the group map are not in this dataset and are ignored (e.g. %s); ids look like %r",
             len(unknown),
             example,
             min(known) if known else "ALL_IDB1/Im001_1",
@@ -274,7 +281,11 @@ def fold_ids(split: Mapping[str, Any], fold: int) -> dict[str, list[str]]:
         if entry.get("fold") == fold:
             return {name: list(entry[name]) for name in SUBSETS}
     available = [entry.get("fold") for entry in folds]
-    shown = f"folds {available[0]}-{available[-1]}" if len(available) > 1 else f"fold {available[0] if available else 'none'}"
+    shown = (
+        f"folds {available[0]}-{available[-1]}"
+        if len(available) > 1
+        else f"fold {available[0] if available else 'none'}"
+    )
     raise AllfuseError(
         f"config key 'split.fold' is {fold}, but the {split.get('protocol', '?')} split of dataset "
         f"{split.get('dataset', '?')!r} has {shown}; set split.fold to one of them"
@@ -308,7 +319,8 @@ def split_summary(split: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -
                     where[hash_of[image_id]].add(name)
         leaks = sum(1 for subsets in where.values() if len(subsets) > 1)
         lines.append(
-            f"  fold {entry['fold']} (repeat {entry.get('repeat', 0)}): " + "; ".join(parts)
+            f"  fold {entry['fold']} (repeat {entry.get('repeat', 0)}): "
+            + "; ".join(parts)
             + f"; identical-pixel groups across subsets: {leaks}"
         )
     return "\n".join(lines)
@@ -442,7 +454,7 @@ def _group_holdout(
     when doing so brings the held-out class counts closer to their targets; with mostly small
     groups the targets are met exactly, with large groups as closely as they allow.
     """
-    n_held = math.ceil(fraction * len(idx) - 1e-9)
+    n_held = math.ceil(fraction * len(idx))  # exactly scikit-learn's test_size rounding
     targets = _class_targets(labels[idx], n_held)
     members: dict[str, list[int]] = defaultdict(list)
     for i in idx.tolist():
@@ -474,7 +486,9 @@ def _verify_fold(
     """Check one fold: a partition of all images, every class in every subset, groups intact."""
     all_ids = [i for name in SUBSETS for i in entry[name]]
     if len(all_ids) != len(ids) or set(all_ids) != set(ids.tolist()):
-        raise RuntimeError(f"{context}: fold {entry['fold']} is not a partition of the images (a bug in allfuse.splits)")
+        raise RuntimeError(
+            f"{context}: fold {entry['fold']} is not a partition of the images (a bug in allfuse.splits)"
+        )
     label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
     classes = set(labels.tolist())
     for name in SUBSETS:
@@ -493,4 +507,6 @@ def _verify_fold(
         for name in SUBSETS:
             for image_id in entry[name]:
                 if home.setdefault(group_of[image_id], name) != name:
-                    raise RuntimeError(f"{context}: group {group_of[image_id]} crosses subsets (a bug in allfuse.splits)")
+                    raise RuntimeError(
+                        f"{context}: group {group_of[image_id]} crosses subsets (a bug in allfuse.splits)"
+                    )
