@@ -29,9 +29,13 @@ validate(config, "schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/features.smk"
+include: "rules/tracking.smk"
+include: "rules/tune.smk"
+include: "rules/train.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -66,8 +66,17 @@ def data_targets():
     return [f"{RESULTS}/splits/{dataset}.json" for dataset in DATASETS]
 
 
+def member_targets():
+    return [
+        f"{directory}/run.json"
+        for dataset in DATASETS
+        for backbone in BACKBONES
+        for directory in member_dirs(dataset, backbone)
+    ]
+
+
 def all_targets():
-    return data_targets()
+    return data_targets() + member_targets()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +118,9 @@ def tuning_data(wildcards):
 
 def best_params_input(wildcards):
     if config["tune"]["n_trials"] > 0:
-        return [f"{RESULTS}/tune/{wildcards.dataset}/{wildcards.backbone}/best_params.json"]
+        return [
+            f"{RESULTS}/tune/{wildcards.dataset}/{wildcards.backbone}/best_params.json"
+        ]
     return []
 
 

@@ -40,7 +40,9 @@ rule ingest_archive:
 
 rule combine_datasets:
     input:
-        manifests=expand(f"{RESULTS}/data/{{archive}}/manifest.csv", archive=afc.ARCHIVES),
+        manifests=expand(
+            f"{RESULTS}/data/{{archive}}/manifest.csv", archive=afc.ARCHIVES
+        ),
         images=expand(f"{RESULTS}/data/{{archive}}/images.npy", archive=afc.ARCHIVES),
     output:
         manifest=f"{RESULTS}/data/combined/manifest.csv",

@@ -17,14 +17,14 @@ rule extract_features:
         f"{BENCH}/features/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
-    params:
-        features=features_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
     threads: 2
     resources:
         gpu=1,
         mem_mb=4000,
         runtime=60,
+    params:
+        features=features_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
     script:
         f"{SCRIPTS}/extract_features.py"

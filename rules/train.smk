@@ -18,14 +18,14 @@ rule train_member:
         f"{BENCH}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
     conda:
         "../envs/train.yaml"
-    params:
-        settings=settings_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
     threads: 2
     resources:
         gpu=1,
         mem_mb=4000,
         runtime=120,
+    params:
+        settings=settings_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
     script:
         f"{SCRIPTS}/train_member.py"
