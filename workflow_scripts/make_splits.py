@@ -4,16 +4,14 @@ from _common import run, standalone
 
 from allfuse.data import read_manifest
 from allfuse.io import write_json
-from allfuse.splits import make_split, merge_groups, pixel_groups, read_groups_csv, split_summary
+from allfuse.splits import make_split, read_groups_csv, split_summary
 
 
 def main(smk, log):
     rows = read_manifest(smk.input.manifest)
     cfg = smk.params.split
-    groups = None
-    if cfg["protocol"] in ("grouped", "kfold"):
-        maps = [pixel_groups(rows)] + [read_groups_csv(path) for path in smk.input.groups]
-        groups = merge_groups([row["image_id"] for row in rows], *maps)
+    # Slide groups (user CSV or the demo's own); make_split adds identical-pixel groups itself.
+    groups = read_groups_csv(smk.input.groups[0]) if smk.input.groups else None
     split = make_split(
         rows,
         dataset=smk.wildcards.dataset,
