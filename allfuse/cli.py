@@ -1,0 +1,120 @@
+"""The ``allfuse`` console script: demo archives and archive inspection outside the workflow.
+
+    allfuse make-demo-archives OUT_DIR [--seed N] [--format zip|tar|tar.gz|dir]
+    allfuse inspect ARCHIVE [--max-pixels N] [--which ALL_IDB1|ALL_IDB2]
+    allfuse --version
+
+Any ``AllfuseError`` is printed as one ``allfuse: error: ...`` message (with every problem listed)
+and exits 1; argument errors exit 2. Heavy modules are imported inside the commands so that
+``--help`` and ``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from allfuse import __version__
+from allfuse.config import ARCHIVES, load_schema
+from allfuse.errors import AllfuseError, DataError
+
+
+def _default_max_pixels() -> int:
+    """The schema's default of data.max_pixels, so the CLI and the workflow refuse the same images."""
+    return int(load_schema()["properties"]["data"]["properties"]["max_pixels"]["default"])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="allfuse",
+        description="Hybrid CNN-GRU leukaemia detection on ALL-IDB: data tools (the experiments run through Snakemake).",
+    )
+    parser.add_argument("--version", action="version", version=f"allfuse {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "make-demo-archives",
+        help="write synthetic ALL_IDB1 and ALL_IDB2 archives in the official layout",
+        description="Write synthetic ALL_IDB1 and ALL_IDB2 archives (marked synthetic) and the crop-to-slide groups.",
+    )
+    demo.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the archives into")
+    demo.add_argument("--seed", type=int, default=None, help="generator seed (default: the generator's own)")
+    demo.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("zip", "tar", "tar.gz", "dir"),
+        default="zip",
+        help="archive format: zip (default), tar (written gzip-compressed, as tar.gz) or dir (extracted folders)",
+    )
+    demo.set_defaults(func=_make_demo_archives)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="validate an ALL-IDB archive and summarise it",
+        description=(
+            "Validate an ALL-IDB archive (.zip, .tar, .tar.gz or folder) and summarise it: images per class, "
+            "sizes, identical images, warnings. Exits 1 and lists every problem when it is unusable."
+        ),
+    )
+    inspect.add_argument("archive", metavar="ARCHIVE", type=Path, help="archive file or extracted folder")
+    inspect.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (default: config default)"
+    )
+    inspect.add_argument(
+        "--which", choices=ARCHIVES, action="append", help="dataset to check (repeatable; default: every one present)"
+    )
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+def _make_demo_archives(args: argparse.Namespace) -> int:
+    from allfuse.synthetic import DemoSpec, make_demo_archives
+
+    spec = DemoSpec() if args.seed is None else DemoSpec(seed=args.seed)
+    paths = make_demo_archives(args.out_dir, spec, "tar.gz" if args.fmt == "tar" else args.fmt)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from allfuse.data import scan_all, summarise
+
+    max_pixels = args.max_pixels if args.max_pixels is not None else _default_max_pixels()
+    scans = scan_all(args.archive, max_pixels, which=args.which)
+    print("\n\n".join(summarise(scan) for scan in scans))
+    problems = [p for scan in scans for p in scan.problems]
+    if problems:
+        raise DataError(f"{args.archive} is not a usable ALL-IDB archive: {len(problems)} problem(s)", problems=problems)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argument errors
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args))
+    except AllfuseError as exc:
+        sys.stdout.flush()
+        print(f"allfuse: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
