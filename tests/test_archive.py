@@ -64,6 +64,14 @@ def test_truncated_archives_are_refused(tmp_path, idb, idb1_src, fmt):
     assert str(packed) in str(err.value) or "Im0" in str(err.value)
 
 
+def test_targz_missing_only_its_checksum_trailer_is_refused(tmp_path, idb, idb1_src):
+    # Every member still decompresses; only reading the stream to its end notices the cut.
+    packed = idb.pack(idb1_src, tmp_path / "idb1.tar.gz")
+    packed.write_bytes(packed.read_bytes()[:-4])
+    with pytest.raises(DataError, match="damaged or truncated"):
+        open_archive(packed)
+
+
 def test_tar_cut_inside_the_last_member_is_refused(tmp_path, idb, idb1_src):
     packed = idb.pack(idb1_src, tmp_path / "idb1.tar")
     with tarfile.open(packed) as tf:

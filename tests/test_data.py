@@ -401,7 +401,12 @@ def test_manifest_columns_hashes_and_cache(tmp_path, idb):
         number, _ = parse_image_name(path.name)
         colours[path.stem] = (number % 256, 200 - number % 100, 30)
         path.write_bytes(idb.image_bytes(_solid(colours[path.stem], (24, 24)), "TIFF"))
-    rows, images = ingest_archive(idb.pack(src, tmp_path / "a.zip"), "ALL_IDB2", image_size=16, max_pixels=BIG)
+    # Members stored in reverse order: rows and cache rows must still come out sorted by id.
+    packed = tmp_path / "a.zip"
+    with zipfile.ZipFile(packed, "w") as zf:
+        for path in sorted(src.rglob("*.tif"), reverse=True):
+            zf.write(path, path.relative_to(src).as_posix())
+    rows, images = ingest_archive(packed, "ALL_IDB2", image_size=16, max_pixels=BIG)
     out = tmp_path / "out" / "ALL_IDB2"
     write_dataset(out, rows, images)
 
@@ -423,16 +428,22 @@ def test_manifest_columns_hashes_and_cache(tmp_path, idb):
         assert np.array_equal(cache[i], _solid(colours[stem], (16, 16))), row["image_id"]
 
 
-def test_cache_is_a_resize_of_the_decoded_image(tmp_path, idb):
+def test_cache_is_an_antialiased_resize_of_the_decoded_image(tmp_path, idb):
     src = tmp_path / "src"
-    idb.make_tree(src, "ALL_IDB1", [(1, 1)], size=(64, 48))
+    idb.make_tree(src, "ALL_IDB2", [(1, 1), (2, 1)], size=(64, 48))
+    folder = src / "ALL_IDB2" / "img"
     # Left half dark, right half bright: the resized image keeps that structure.
-    pixels = np.zeros((48, 64, 3), np.uint8)
-    pixels[:, 32:] = 250
-    _im(src, "Im001_1.jpg").write_bytes(idb.image_bytes(pixels, "JPEG"))
-    rows, images = ingest_archive(src / "ALL_IDB1", "ALL_IDB1", image_size=32, max_pixels=BIG)
-    assert images.shape == (1, 32, 32, 3)
-    assert images[0, :, :14].mean() < 10 and images[0, :, 18:].mean() > 240
+    halves = np.zeros((48, 64, 3), np.uint8)
+    halves[:, 32:] = 250
+    (folder / "Im001_1.tif").write_bytes(idb.image_bytes(halves, "TIFF"))
+    # A one-pixel checkerboard: an antialiasing filter averages it to grey; point sampling would not.
+    checker = np.zeros((48, 64, 3), np.uint8)
+    checker[(np.indices((48, 64)).sum(axis=0) % 2) == 1] = 250
+    (folder / "Im002_1.tif").write_bytes(idb.image_bytes(checker, "TIFF"))
+    rows, images = ingest_archive(src, "ALL_IDB2", image_size=16, max_pixels=BIG)
+    assert images.shape == (2, 16, 16, 3)
+    assert images[0, :, :7].mean() < 10 and images[0, :, 9:].mean() > 240
+    assert abs(float(images[1].mean()) - 125) < 15 and images[1].std() < 20
     assert (rows[0]["width"], rows[0]["height"]) == (64, 48)
 
 
