@@ -95,7 +95,9 @@ class Archive(ABC):
         if member is None:
             raise DataError(f"{name}: no such member in {self.path}; list the archive to check the name")
         if member.kind != "file":
-            raise DataError(f"{name}: is a {member.kind}, not a plain file, and is never read; remove it from the archive")
+            raise DataError(
+                f"{name}: is a {member.kind}, not a plain file, and is never read; remove it from the archive"
+            )
         return member
 
 
@@ -211,7 +213,9 @@ class _DirArchive(Archive):
         prefix = self._root.name
         errors: list[str] = []
         members: list[Member] = []
-        for top, dirnames, filenames in os.walk(self._root, onerror=lambda e: errors.append(f"{e.filename}: {e.strerror}")):
+        for top, dirnames, filenames in os.walk(
+            self._root, onerror=lambda e: errors.append(f"{e.filename}: {e.strerror}")
+        ):
             dirnames.sort()  # os.walk descends in this order: stable member order
             for entry in dirnames + sorted(filenames):
                 full = Path(top) / entry
@@ -267,7 +271,9 @@ def open_archive(path: str | os.PathLike[str]) -> Archive:
     """
     p = Path(path)
     if not os.path.lexists(p):
-        raise DataError(f"{p}: archive not found; check the path (config key data.archives) and that the file was copied")
+        raise DataError(
+            f"{p}: archive not found; check the path (config key data.archives) and that the file was copied"
+        )
     if p.is_dir():
         return _DirArchive(p)
     if not p.is_file():
@@ -309,9 +315,13 @@ def unsafe_members(archive: Archive) -> list[str]:
         name = member.name
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or _DRIVE.match(name):
-            problems.append(f"{name}: has an absolute path that points outside the archive; repack the archive with relative paths")
+            problems.append(
+                f"{name}: has an absolute path that points outside the archive; repack the archive with relative paths"
+            )
         elif ".." in parts:
-            problems.append(f"{name}: contains '..' and escapes the archive root; repack the archive with plain relative paths")
+            problems.append(
+                f"{name}: contains '..' and escapes the archive root; repack the archive with plain relative paths"
+            )
         if member.kind == "symlink":
             problems.append(f"{name}: is a symbolic link; store the file itself in the archive, not a link to it")
         elif member.kind == "hardlink":

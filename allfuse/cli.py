@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("archive", metavar="ARCHIVE", type=Path, help="archive file or extracted folder")
     inspect.add_argument(
-        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (default: config default)"
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        help="refuse images with more pixels (default: config default)",
     )
     inspect.add_argument(
         "--which", choices=ARCHIVES, action="append", help="dataset to check (repeatable; default: every one present)"
@@ -97,7 +100,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print("\n\n".join(summarise(scan) for scan in scans))
     problems = [p for scan in scans for p in scan.problems]
     if problems:
-        raise DataError(f"{args.archive} is not a usable ALL-IDB archive: {len(problems)} problem(s)", problems=problems)
+        raise DataError(
+            f"{args.archive} is not a usable ALL-IDB archive: {len(problems)} problem(s)", problems=problems
+        )
     return 0
 
 

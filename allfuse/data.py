@@ -181,9 +181,7 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
     """
     with open_archive(path) as archive:
         members = archive.members()
-        present = [
-            name for name in ARCHIVES if any(_dataset_index(_parts(m.name), name) is not None for m in members)
-        ]
+        present = [name for name in ARCHIVES if any(_dataset_index(_parts(m.name), name) is not None for m in members)]
         wanted = list(which) if which else present
         if not wanted:
             what = "is empty" if not members else f"holds {len(members)} entries but no ALL_IDB1 or ALL_IDB2 folder"
@@ -218,25 +216,22 @@ def ingest_archive(
     return scan.rows, np.stack(images)
 
 
-def _scan(
-    archive: Archive, which: str, max_pixels: int, image_size: int | None
-) -> tuple[ScanResult, list[np.ndarray]]:
-    """The scan, and the images resized to ``image_size`` (aligned with the rows; empty when
-    ``image_size`` is None)."""
-    if which not in _LAYOUTS:
-        raise ValueError(f"which must be one of {ARCHIVES}, got {which!r}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    layout = _LAYOUTS[which]
-    other = [name for name in ARCHIVES if name != which]
-    problems = unsafe_members(archive)
-    warnings_: list[str] = []
+@dataclass
+class _Found:
+    """The members of one dataset, sorted by role; dict keys are (number, label) in archive order."""
 
-    images: dict[tuple[int, int], list[Member]] = defaultdict(list)
-    xycs: dict[tuple[int, int], list[Member]] = defaultdict(list)
-    roots: dict[str, Member] = {}
-    markers: list[tuple[list[str], Member]] = []
-    ignored: list[str] = []
+    images: dict[tuple[int, int], list[Member]]
+    xycs: dict[tuple[int, int], list[Member]]
+    roots: dict[str, Member]  # dataset folder path -> first member seen in it
+    markers: list[tuple[list[str], Member]]  # (folder parts, member) of every synthetic marker
+    ignored: list[str]
+
+
+def _classify(archive: Archive, which: str, layout: _Layout, problems: list[str]) -> _Found:
+    """Sort the file members of dataset ``which`` into images, centroid files, markers and
+    ignored files; bad names and extensions become problems."""
+    other = [name for name in ARCHIVES if name != which]
+    found = _Found(defaultdict(list), defaultdict(list), {}, [], [])
     for member in archive.members():
         if member.kind != "file":
             continue  # folders carry nothing; links and devices are already problems
@@ -244,74 +239,84 @@ def _scan(
         if not parts or _is_junk(parts):
             continue
         if parts[-1] == SYNTHETIC_MARKER:
-            markers.append((parts[:-1], member))
+            found.markers.append((parts[:-1], member))
             continue
         index = _dataset_index(parts, which)
         if index is None:
             if not any(_dataset_index(parts, o) is not None for o in other):
-                ignored.append(member.name)
+                found.ignored.append(member.name)
             continue
         rel = [p.lower() for p in parts[index + 1 :]]
         if len(rel) == 2 and rel[0] == layout.image_folder:
-            bucket = images
+            bucket, what, expected = found.images, "images", layout.extensions
         elif len(rel) == 2 and rel[0] == "xyc" and layout.has_xyc:
-            bucket = xycs
+            bucket, what, expected = found.xycs, "centroid files", (".xyc",)
         else:
-            ignored.append(member.name)
+            found.ignored.append(member.name)
             continue
-        roots.setdefault("/".join(parts[: index + 1]), member)
+        found.roots.setdefault("/".join(parts[: index + 1]), member)
         try:
             key = parse_image_name(parts[-1])
         except ValueError as exc:
             problems.append(f"{member.name}: {exc}; rename or remove the file")
             continue
-        expected = layout.extensions if bucket is images else (".xyc",)
         if not parts[-1].lower().endswith(expected):
             problems.append(
-                f"{member.name}: unexpected file type; {which} {'images' if bucket is images else 'centroid files'} "
-                f"end in {' or '.join(expected)}: rename or remove the file"
+                f"{member.name}: unexpected file type; {which} {what} end in {' or '.join(expected)}: "
+                "rename or remove the file"
             )
             continue
         bucket[key].append(member)
+    return found
 
-    if len(roots) > 1:
-        places = ", ".join(sorted(roots))
-        problems.extend(f"{m.name}: {which} appears in more than one place ({places}); keep one copy" for m in roots.values())
-    if not images:
+
+def _scan(archive: Archive, which: str, max_pixels: int, image_size: int | None) -> tuple[ScanResult, list[np.ndarray]]:
+    """The scan, and the images resized to ``image_size`` (aligned with the rows; empty when
+    ``image_size`` is None)."""
+    if which not in _LAYOUTS:
+        raise ValueError(f"which must be one of {ARCHIVES}, got {which!r}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    layout = _LAYOUTS[which]
+    problems = unsafe_members(archive)
+    warnings_: list[str] = []
+    found = _classify(archive, which, layout, problems)
+
+    if len(found.roots) > 1:
+        places = ", ".join(sorted(found.roots))
+        problems.extend(
+            f"{m.name}: {which} appears in more than one place ({places}); keep one copy" for m in found.roots.values()
+        )
+    if not found.images:
         problems.append(
             f"{archive.path}: no {which} images found (expected {which}/{layout.image_folder}/ImNNN_L"
             f"{layout.extensions[0]}); point at the {which} archive or folder"
         )
-
-    problems.extend(_duplicate_numbers(images, "image"))
-    problems.extend(_duplicate_numbers(xycs, "centroid file"))
-    for key, found in sorted(xycs.items()):
-        if key not in images:
+    problems.extend(_duplicate_numbers(found.images, "image"))
+    problems.extend(_duplicate_numbers(found.xycs, "centroid file"))
+    for key, members in sorted(found.xycs.items()):
+        if key not in found.images:
             problems.extend(
                 f"{m.name}: centroid file has no image {make_image_id(which, *key)}{layout.extensions[0]}; "
                 "add the image or remove the centroid file"
-                for m in found
+                for m in members
             )
 
-    root = next(iter(roots)) if len(roots) == 1 else None
-    synthetic = _read_marker(archive, which, root, markers, problems, ignored)
-    if ignored:
-        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        warnings_.append(f"{len(ignored)} file(s) are not part of the {which} layout and were ignored: {shown}")
+    root = next(iter(found.roots)) if len(found.roots) == 1 else None
+    synthetic = _read_marker(archive, which, root, found.markers, problems, found.ignored)
+    if found.ignored:
+        shown = ", ".join(found.ignored[:5]) + (f" and {len(found.ignored) - 5} more" if len(found.ignored) > 5 else "")
+        warnings_.append(f"{len(found.ignored)} file(s) are not part of the {which} layout and were ignored: {shown}")
 
-    blast_counts: dict[tuple[int, int], int] = {}
-    for key, found in xycs.items():
-        count = _count_centroids(archive, found[-1], problems)
-        if count is not None:
-            blast_counts[key] = count
-
+    # Images first, then centroid files, each in archive order (im/ precedes xyc/): a compressed
+    # tar can only be read forward cheaply.
     rows: list[dict[str, Any]] = []
     resized: list[np.ndarray] = []
-    # Archive order, not id order: compressed tar members can only be read forward cheaply.
-    wanted = sorted(((found[0], key) for key, found in images.items() if len(found) == 1), key=_order(archive))
     with _pixel_limit(max_pixels):
-        for member, (number, label) in wanted:
-            decoded = _read_image(archive, member, layout, max_pixels, image_size, problems, warnings_)
+        for (number, label), members in found.images.items():
+            if len(members) > 1:
+                continue  # duplicate numbers are problems already
+            decoded = _read_image(archive, members[0], layout, max_pixels, image_size, problems, warnings_)
             if decoded is None:
                 continue
             width, height, sha_file, sha_pixels, small = decoded
@@ -325,24 +330,22 @@ def _scan(
                     "height": height,
                     "sha256_file": sha_file,
                     "sha256_pixels": sha_pixels,
-                    "blast_count": blast_counts.get((number, label)) if layout.has_xyc else None,
-                    "archive_path": member.name,
+                    "blast_count": None,
+                    "archive_path": members[0].name,
                     "synthetic": int(synthetic is not None),
                 }
             )
             if small is not None:
                 resized.append(small)
+    blast_counts = {key: _count_centroids(archive, members[-1], problems) for key, members in found.xycs.items()}
+    for row in rows:
+        row["blast_count"] = blast_counts.get((row["number"], row["label"]))
+
     order = sorted(range(len(rows)), key=lambda i: rows[i]["image_id"])
     rows = [rows[i] for i in order]
     resized = [resized[i] for i in order] if resized else []
-
-    warnings_.extend(_content_warnings(which, layout, rows, xycs, synthetic is not None))
+    warnings_.extend(_content_warnings(which, layout, rows, found.xycs, synthetic is not None))
     return ScanResult(which, rows, problems, warnings_, synthetic, str(archive.path)), resized
-
-
-def _order(archive: Archive):  # type: ignore[no-untyped-def]
-    position = {m.name: i for i, m in enumerate(archive.members())}
-    return lambda item: position[item[0].name]
 
 
 def _duplicate_numbers(found: Mapping[tuple[int, int], list[Member]], what: str) -> list[str]:
@@ -355,7 +358,9 @@ def _duplicate_numbers(found: Mapping[tuple[int, int], list[Member]], what: str)
             names = [m.name for m in members]
             for name in names:
                 others = ", ".join(n for n in names if n != name) or "another entry of the same name"
-                problems.append(f"{name}: {what} number {number:03d} is also used by {others}; keep one file per number")
+                problems.append(
+                    f"{name}: {what} number {number:03d} is also used by {others}; keep one file per number"
+                )
     return problems
 
 
@@ -514,7 +519,9 @@ def _read_image(
         problems.append(f"{name}: is not a readable JPEG or TIFF image; replace it with an intact copy")
         return None
     except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad entry
-        problems.append(f"{name}: image is corrupt or truncated ({type(exc).__name__}: {exc}); replace it with an intact copy")
+        problems.append(
+            f"{name}: image is corrupt or truncated ({type(exc).__name__}: {exc}); replace it with an intact copy"
+        )
         return None
     rgb = np.asarray(rgb_image, dtype=np.uint8)
     small = None
@@ -548,9 +555,13 @@ def _content_warnings(
         else:
             missing = [r["image_id"] for r in rows if r["blast_count"] is None]
             if missing:
-                out.append(f"{len(missing)} {which} image(s) have no xyc file (blast_count left empty): {', '.join(missing[:5])}")
+                out.append(
+                    f"{len(missing)} {which} image(s) have no xyc file (blast_count left empty): {', '.join(missing[:5])}"
+                )
             odd_labels = [
-                r["image_id"] for r in rows if r["blast_count"] is not None and (r["blast_count"] > 0) != (r["label"] == 1)
+                r["image_id"]
+                for r in rows
+                if r["blast_count"] is not None and (r["blast_count"] > 0) != (r["label"] == 1)
             ]
             if odd_labels:
                 out.append(
@@ -666,7 +677,9 @@ def combine_datasets(
     arrays: list[np.ndarray] = []
     for part_rows, part_images in parts:
         if len(part_rows) != len(part_images):
-            raise DataError(f"a dataset part has {len(part_rows)} manifest rows but {len(part_images)} images; rerun its ingest step")
+            raise DataError(
+                f"a dataset part has {len(part_rows)} manifest rows but {len(part_images)} images; rerun its ingest step"
+            )
         rows.extend(dict(r) for r in part_rows)
         arrays.append(part_images)
     if not rows:
@@ -676,7 +689,9 @@ def combine_datasets(
         raise DataError(f"image caches have different shapes {shapes}; rebuild them with one data.image_size")
     repeated = sorted(i for i, n in Counter(r["image_id"] for r in rows).items() if n > 1)
     if repeated:
-        raise DataError("image ids repeat across the datasets being combined", problems=[f"{i}: appears twice" for i in repeated])
+        raise DataError(
+            "image ids repeat across the datasets being combined", problems=[f"{i}: appears twice" for i in repeated]
+        )
     order = sorted(range(len(rows)), key=lambda i: rows[i]["image_id"])
     images = np.concatenate(arrays, axis=0)[order]
     return [rows[i] for i in order], images
@@ -703,11 +718,11 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append("  original sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common()))
         blasts = [int(r["blast_count"]) for r in sub if r.get("blast_count") not in (None, "")]
         if blasts:
-            lines.append(f"  blast centroids: {sum(blasts)} in {sum(1 for b in blasts if b)} of {len(blasts)} annotated images")
+            lines.append(
+                f"  blast centroids: {sum(blasts)} in {sum(1 for b in blasts if b)} of {len(blasts)} annotated images"
+            )
     groups = find_duplicates(rows)
-    lines.append(
-        f"identical-pixel groups: {len(groups)}" + "".join(f"\n  {' = '.join(g)}" for g in groups)
-    )
+    lines.append(f"identical-pixel groups: {len(groups)}" + "".join(f"\n  {' = '.join(g)}" for g in groups))
     return "\n".join(lines)
 
 

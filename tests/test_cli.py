@@ -26,7 +26,13 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["inspect"], ["no-such-command"], ["inspect", "x.zip", "--max-pixels", "0"], ["make-demo-archives", "o", "--format", "rar"]],
+    [
+        [],
+        ["inspect"],
+        ["no-such-command"],
+        ["inspect", "x.zip", "--max-pixels", "0"],
+        ["make-demo-archives", "o", "--format", "rar"],
+    ],
 )
 def test_argument_errors_exit_2(capsys, argv):
     assert cli.main(argv) == 2
@@ -76,7 +82,9 @@ def test_make_demo_archives_passes_seed_and_format(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("fmt", ["zip", "dir"])
 def test_demo_archives_pass_inspection_as_synthetic(tmp_path, monkeypatch, capsys, fmt):
-    small = synthetic.DemoSpec(idb1_all=3, idb1_healthy=4, idb1_width=64, idb1_height=64, idb2_per_class=3, idb2_size=32)
+    small = synthetic.DemoSpec(
+        idb1_all=3, idb1_healthy=4, idb1_width=64, idb1_height=64, idb2_per_class=3, idb2_size=32
+    )
     monkeypatch.setattr(synthetic, "DemoSpec", lambda seed=small.seed: replace(small, seed=seed))
     assert cli.main(["make-demo-archives", str(tmp_path), "--seed", "5", "--format", fmt]) == 0
     capsys.readouterr()

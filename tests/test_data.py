@@ -52,7 +52,13 @@ def test_parse_image_name(name, expected):
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("image1.jpg", "pattern"), ("Im1_1.jpg", "pattern"), ("Im001-1.jpg", "pattern"), ("Im001_2.jpg", "must be 1"), ("Im001_10.jpg", "must be 1")],
+    [
+        ("image1.jpg", "pattern"),
+        ("Im1_1.jpg", "pattern"),
+        ("Im001-1.jpg", "pattern"),
+        ("Im001_2.jpg", "must be 1"),
+        ("Im001_10.jpg", "must be 1"),
+    ],
 )
 def test_parse_image_name_refuses(name, reason):
     with pytest.raises(ValueError, match=reason):
@@ -74,7 +80,9 @@ def test_scan_gives_the_same_rows_for_every_format(tmp_path, idb, idb1_src, fmt)
     path = idb1_src / "ALL_IDB1" if fmt == "dir" else idb.pack(idb1_src, tmp_path / f"idb1.{fmt}")
     scan = scan_archive(path, "ALL_IDB1", BIG)
     assert scan.ok, scan.problems
-    assert [r["image_id"] for r in scan.rows] == [f"ALL_IDB1/Im00{n}_{lab}" for n, lab in ((1, 1), (2, 1), (3, 0), (4, 0))]
+    assert [r["image_id"] for r in scan.rows] == [
+        f"ALL_IDB1/Im00{n}_{lab}" for n, lab in ((1, 1), (2, 1), (3, 0), (4, 0))
+    ]
     assert [r["blast_count"] for r in scan.rows] == [2, 2, 0, 0]
     reference = scan_archive(idb1_src / "ALL_IDB1", "ALL_IDB1", BIG).rows
     assert scan.rows == reference
@@ -84,11 +92,13 @@ def test_tolerated_quirks(tmp_path, idb):
     src = tmp_path / "src"
     idb.make_tree(src, "ALL_IDB1", ext=".JPG", xyc=False)
     idb.make_tree(src, "ALL_IDB2", [(1, 1), (131, 0)], ext=".TIFF")
-    (src / "ALL_IDB2" / "img" / "Im132_0.tiff").write_bytes(
-        idb.image_bytes(idb.noise_pixels(24, 24, 99), "TIFF")
-    )
-    junk = [src / "__MACOSX" / "ALL_IDB1" / "im" / "._Im001_1.JPG", src / "ALL_IDB1" / "im" / "Thumbs.db",
-            src / "ALL_IDB1" / ".DS_Store", src / "ALL_IDB2" / "img" / "._Im001_1.TIFF"]
+    (src / "ALL_IDB2" / "img" / "Im132_0.tiff").write_bytes(idb.image_bytes(idb.noise_pixels(24, 24, 99), "TIFF"))
+    junk = [
+        src / "__MACOSX" / "ALL_IDB1" / "im" / "._Im001_1.JPG",
+        src / "ALL_IDB1" / "im" / "Thumbs.db",
+        src / "ALL_IDB1" / ".DS_Store",
+        src / "ALL_IDB2" / "img" / "._Im001_1.TIFF",
+    ]
     for path in junk:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not an image")
@@ -212,8 +222,14 @@ def _tar_with(kind, name):
         idb.add_tar_entry(packed, name, kind, linkname="ALL_IDB1/im/Im001_1.jpg")
         return packed, name, BIG
 
-    type_names = {tarfile.REGTYPE: "file", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
-                  tarfile.CHRTYPE: "chardev", tarfile.BLKTYPE: "blockdev", tarfile.FIFOTYPE: "fifo"}
+    type_names = {
+        tarfile.REGTYPE: "file",
+        tarfile.SYMTYPE: "symlink",
+        tarfile.LNKTYPE: "hardlink",
+        tarfile.CHRTYPE: "chardev",
+        tarfile.BLKTYPE: "blockdev",
+        tarfile.FIFOTYPE: "fifo",
+    }
     build.__name__ = f"bad_tar_{type_names[kind]}_{name}"
     return build
 
@@ -419,7 +435,13 @@ def test_manifest_columns_hashes_and_cache(tmp_path, idb):
         source = src / row["archive_path"]
         assert row["sha256_file"] == sha256_file(source)
         assert row["sha256_pixels"] == sha256_array(np.asarray(Image.open(source).convert("RGB")))
-        assert (row["width"], row["height"], row["dataset"], row["blast_count"], row["synthetic"]) == (24, 24, "ALL_IDB2", None, 0)
+        assert (row["width"], row["height"], row["dataset"], row["blast_count"], row["synthetic"]) == (
+            24,
+            24,
+            "ALL_IDB2",
+            None,
+            0,
+        )
 
     cache = load_images(out / "images.npy")
     assert isinstance(cache, np.memmap) and cache.dtype == np.uint8 and cache.shape == (4, 16, 16, 3)
