@@ -1,0 +1,383 @@
+"""Hybrid CNN-GRU models: a keras.applications backbone feeding a two-branch fusion head.
+
+The paper names InceptionV3-GRU, EfficientNetB3-GRU and MobileNetV2-GRU hybrids with a "parallel
+architecture" and "feature fusion" and says nothing more. This module implements one reading of
+it, with every choice a setting:
+
+    image (S, S, 3), float 0-255 RGB
+      -> the backbone's own preprocessing -> backbone (include_top=False)
+      -> feature map (H, W, C)
+      -> per-channel standardisation (see ``build_head``)
+      -> two parallel branches: (a) global average pooling -> (C,)
+                                (b) the map read as H*W tokens of C features -> GRU -> (gru_units,)
+      -> concatenate -> dropout -> dense(dense_units, relu) -> dropout -> Dense(2, softmax)
+
+Everything after the backbone is a separate model (``build_head``) taking only the feature-map
+shape, so head mode trains exactly the same head on cached feature maps that finetune mode trains
+on top of the backbone.
+
+Keras is imported inside the functions that need it: importing this module is cheap, and
+``configure_keras_home`` must run before Keras is first imported anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from allfuse.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("inceptionv3", "efficientnetb3", "mobilenetv2")
+
+# keras.applications' own minimum input sizes (``min_size`` of obtain_input_shape).
+_MIN_INPUT_SIZE = {"inceptionv3": 75, "efficientnetb3": 32, "mobilenetv2": 32}
+
+# Channels of the last feature map (MobileNetV2 at alpha 1.0).
+_CHANNELS = {"inceptionv3": 2048, "efficientnetb3": 1536, "mobilenetv2": 1280}
+
+# How images (float 0-255 RGB) are scaled before each backbone: keras.applications'
+# preprocess_input is x / 127.5 - 1 ("tf" mode) for InceptionV3 and MobileNetV2, and the identity
+# for EfficientNet, whose network rescales internally. A Rescaling layer does the same arithmetic
+# as a serialisable layer (a Lambda would make saved models need unsafe deserialisation).
+_PREPROCESS_SCALE_OFFSET: dict[str, tuple[float, float] | None] = {
+    "inceptionv3": (1.0 / 127.5, -1.0),
+    "mobilenetv2": (1.0 / 127.5, -1.0),
+    "efficientnetb3": None,
+}
+
+HEAD_NORMS = ("standardize", "layer", "none")
+
+# Per-channel standard deviations are floored at this fraction of the median channel's, so a
+# channel that is (nearly) constant on the training features is not blown up into noise.
+_STD_FLOOR_FRACTION = 1e-3
+
+
+def _check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{backbone}': choose one of {', '.join(BACKBONES)}")
+
+
+def configure_keras_home(project_dir: str | Path) -> Path:
+    """Keep Keras' cache and settings inside the project unless the user chose a place.
+
+    Sets ``KERAS_HOME=<project_dir>/.keras`` when it is unset (otherwise Keras writes
+    ``~/.keras/keras.json`` and downloads weights there) and returns the Keras home in force.
+    Keras reads the variable once, at import: call this before anything imports Keras.
+    """
+    if os.environ.get("KERAS_HOME"):
+        home = Path(os.environ["KERAS_HOME"])
+    else:
+        home = Path(project_dir).resolve() / ".keras"
+        os.environ["KERAS_HOME"] = str(home)
+    if "keras" in sys.modules:
+        current = _keras_home()
+        if Path(current).resolve() != home.resolve():
+            log.warning(
+                "Keras was imported before configure_keras_home(); it keeps using %s instead of %s", current, home
+            )
+            return Path(current)
+    return home
+
+
+def _keras_home() -> str:
+    """The cache root Keras uses in this process (fixed when Keras was imported)."""
+    try:
+        from keras.src.backend import config as keras_config
+
+        return str(keras_config.keras_home())
+    except (ImportError, AttributeError):  # a Keras without the private accessor
+        return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def min_input_size(backbone: str) -> int:
+    """Smallest square input (pixels) the backbone accepts."""
+    _check_backbone(backbone)
+    return _MIN_INPUT_SIZE[backbone]
+
+
+def _valid(n: int, kernel: int, stride: int) -> int:
+    return (n - kernel) // stride + 1
+
+
+def _spatial_size(backbone: str, n: int) -> int:
+    """Side of the last feature map for an n x n input, from the networks' layer arithmetic."""
+    if backbone == "inceptionv3":
+        n = _valid(n, 3, 2)  # conv2d 3x3/2 valid
+        n = _valid(n, 3, 1)  # conv2d 3x3 valid (then a 'same' conv)
+        n = _valid(n, 3, 2)  # max pool 3x3/2
+        n = _valid(n, 3, 1)  # conv2d 1x1 then 3x3 valid
+        n = _valid(n, 3, 2)  # max pool 3x3/2
+        n = _valid(n, 3, 2)  # mixed3 reduction (3x3/2 valid)
+        return _valid(n, 3, 2)  # mixed8 reduction
+    # MobileNetV2 and EfficientNet downsample five times by 2, each time padding so that the
+    # output side is ceil(n / 2); ceilings compose, so the map is ceil(n / 32).
+    return -(-n // 32)
+
+
+def feature_map_shape(backbone: str, input_size: int) -> tuple[int, int, int]:
+    """(H, W, C) of the backbone's last feature map for an input of ``input_size`` pixels.
+
+    Computed from each network's strides and paddings, without building it (tests check the
+    arithmetic against built models).
+    """
+    _check_backbone(backbone)
+    check_input_size(backbone, input_size, warn=False)
+    side = _spatial_size(backbone, int(input_size))
+    return (side, side, _CHANNELS[backbone])
+
+
+def _smallest_size_with_tokens(backbone: str, tokens_side: int) -> int:
+    n = _MIN_INPUT_SIZE[backbone]
+    while _spatial_size(backbone, n) < tokens_side:
+        n += 1
+    return n
+
+
+def check_input_size(backbone: str, input_size: int, *, warn: bool = True) -> None:
+    """Refuse a size below the backbone's minimum; warn when the GRU would read one token.
+
+    Raises ConfigError naming the backbone and its minimum. Logs a WARNING when the feature map
+    is 1 x 1 (the GRU branch then sees a sequence of length 1 and adds little to pooling).
+    """
+    _check_backbone(backbone)
+    minimum = _MIN_INPUT_SIZE[backbone]
+    if not isinstance(input_size, int | np.integer) or isinstance(input_size, bool):
+        raise ConfigError(f"input_size of backbone '{backbone}' must be an integer number of pixels, got {input_size!r}")
+    if input_size < minimum:
+        raise ConfigError(
+            f"input_size {input_size} is too small for backbone '{backbone}': it needs at least {minimum} px "
+            f"(set backbones.{backbone}.input_size >= {minimum} in the config)"
+        )
+    if warn and _spatial_size(backbone, int(input_size)) == 1:
+        log.warning(
+            "backbone '%s' at input_size %d gives a 1x1 feature map: the GRU branch reads a sequence of "
+            "length 1; input_size >= %d gives it at least 2x2 = 4 tokens",
+            backbone,
+            input_size,
+            _smallest_size_with_tokens(backbone, 2),
+        )
+
+
+def _application(backbone: str) -> Any:
+    import keras
+
+    return {
+        "inceptionv3": keras.applications.InceptionV3,
+        "efficientnetb3": keras.applications.EfficientNetB3,
+        "mobilenetv2": keras.applications.MobileNetV2,
+    }[backbone]
+
+
+_URL_FAILURE = re.compile(r"URL fetch failure on (https?://\S+?):?(?:\s|$)")
+
+
+def _net_with_weights(backbone: str, input_size: int, weights: str | None) -> keras.Model:
+    """The keras.applications network with the requested weights, or one clear WeightsError."""
+    constructor = _application(backbone)
+    shape = (input_size, input_size, 3)
+    if weights is None:
+        return constructor(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        models_dir = Path(_keras_home()) / "models"
+        existed = models_dir.exists()
+        try:
+            return constructor(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as exc:  # Keras raises a bare Exception when the download fails
+            match = _URL_FAILURE.search(str(exc))
+            if match is None:
+                raise
+            # Keras leaves behind the (empty) cache folder it created for the download.
+            if not existed and models_dir.is_dir() and not any(models_dir.iterdir()):
+                models_dir.rmdir()
+            url = match.group(1)
+            file_name = url.rstrip("/").rsplit("/", 1)[-1]
+            raise WeightsError(
+                f"ImageNet weights for backbone '{backbone}' are not available offline: file {file_name} is missing "
+                f"(or does not match its expected hash) in {models_dir}. Either set weights: to the local path of "
+                f"{file_name} (backbones.{backbone}.weights or hybrid.weights in the config), or pre-fill the Keras "
+                f"cache $KERAS_HOME/models/{file_name} (download it from {url}), or set weights: null"
+            ) from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file for backbone '{backbone}' not found: {path} (set weights: to an existing .h5 or "
+            f".weights.h5 file of the backbone without its top, to 'imagenet', or to null)"
+        )
+    try:
+        return constructor(include_top=False, weights=str(path), input_shape=shape)
+    except (ValueError, OSError, KeyError) as exc:
+        raise WeightsError(
+            f"weights file {path} cannot be loaded into backbone '{backbone}' (include_top=False, "
+            f"input {input_size}x{input_size}): {exc}"
+        ) from None
+
+
+def build_backbone(
+    backbone: str, input_size: int, weights: str | None, *, seed: int | None = None
+) -> keras.Model:
+    """Frozen-ready backbone: image (S, S, 3) float 0-255 RGB -> feature map (H, W, C).
+
+    Includes the backbone's own preprocess_input. ``seed`` (when given) reseeds Keras before the
+    layers are created, so random initial weights (``weights=None``) are reproducible: head mode
+    relies on it to rebuild the backbone its features came from.
+    """
+    import keras
+
+    check_input_size(backbone, input_size)
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    net = _net_with_weights(backbone, int(input_size), weights)
+    inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
+    x = inputs
+    scale_offset = _PREPROCESS_SCALE_OFFSET[backbone]
+    if scale_offset is not None:
+        x = keras.layers.Rescaling(scale=scale_offset[0], offset=scale_offset[1], name="preprocess")(x)
+    features = net(x)
+    return keras.Model(inputs, features, name="backbone")
+
+
+def backbone_network(model: keras.Model) -> keras.Model:
+    """The keras.applications network inside a backbone or hybrid model (the layers to unfreeze)."""
+    import keras
+
+    if model.name != "backbone":
+        model = model.get_layer("backbone")
+    nets = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nets) != 1:
+        raise ValueError(f"expected one network inside model '{model.name}', found {len(nets)}")
+    return nets[0]
+
+
+def channel_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance (float64, (C,)) of feature maps x (N, H, W, C), in chunks.
+
+    Variances are floored at (1e-3 x the median channel's standard deviation)^2 so that dead or
+    constant channels of a randomly initialised backbone stay near zero after standardisation.
+    """
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"channel_stats needs a non-empty array of feature maps, got shape {x.shape}")
+    channels = x.shape[-1]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    count = 0
+    for start in range(0, x.shape[0], chunk):
+        block = np.asarray(x[start : start + chunk], dtype=np.float64).reshape(-1, channels)
+        total += block.sum(axis=0)
+        total_sq += np.square(block).sum(axis=0)
+        count += block.shape[0]
+    mean = total / count
+    var = np.maximum(total_sq / count - np.square(mean), 0.0)
+    floor = _STD_FLOOR_FRACTION * float(np.median(np.sqrt(var)))
+    var = np.maximum(var, max(floor, 1e-6) ** 2)
+    return mean, var
+
+
+def set_feature_stats(head: keras.Model, mean: np.ndarray, variance: np.ndarray) -> None:
+    """Load per-channel training statistics into the head's standardisation layer."""
+    layer = head.get_layer("feature_norm")
+    layer.adapt_mean.assign(np.asarray(mean, dtype="float32"))
+    layer.adapt_variance.assign(np.asarray(variance, dtype="float32"))
+    # The layer turns its variables into constants here; it must run before the first call is traced.
+    layer.finalize_state()
+
+
+def build_head(
+    feature_shape: tuple[int, int, int],
+    settings: Mapping[str, Any],
+    name: str = "head",
+    *,
+    feature_stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> keras.Model:
+    """The fusion head: feature map (H, W, C) float -> class probabilities (2,) [p_healthy, p_all].
+
+    Settings used: gru_units, bidirectional, dense_units, dropout, and ``head_norm`` (not in the
+    config schema; default "standardize").
+
+    Why a normalisation step at the input: a frozen backbone's feature maps are badly scaled for a
+    small head, and with random weights (``weights: null``, the demo and tests) they are weak,
+    some channels orders of magnitude larger than others and many nearly constant. Without it the
+    few largest channels dominate the dense layer and the GRU's tanh/sigmoid gates saturate.
+    - "standardize" (default): per-channel (x - mean) / std with mean and variance of the TRAINING
+      feature maps (``feature_stats``, see ``channel_stats``), the same transform as a standard
+      scaler before a linear model; fixed during training, saved with the model. Without stats the
+      layer is the identity until ``set_feature_stats`` is called.
+    - "layer": LayerNormalization over channels, per token; needs no statistics but equalises each
+      token's overall magnitude.
+    - "none": raw features.
+    """
+    import keras
+
+    if len(feature_shape) != 3:
+        raise ValueError(f"feature_shape must be (H, W, C), got {feature_shape}")
+    height, width, channels = (int(v) for v in feature_shape)
+    norm = settings.get("head_norm", "standardize")
+    if norm not in HEAD_NORMS:
+        raise ConfigError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
+    dropout = float(settings["dropout"])
+
+    inputs = keras.Input(shape=(height, width, channels), name="feature_map")
+    x = inputs
+    if norm == "standardize":
+        x = keras.layers.Normalization(axis=-1, name="feature_norm")(x)
+    elif norm == "layer":
+        x = keras.layers.LayerNormalization(axis=-1, name="feature_norm")(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool_branch")(x)
+    tokens = keras.layers.Reshape((height * width, channels), name="tokens")(x)
+    gru = keras.layers.GRU(int(settings["gru_units"]), name="gru")
+    if settings.get("bidirectional", False):
+        gru = keras.layers.Bidirectional(gru, name="bigru")
+    recurrent = gru(tokens)
+    z = keras.layers.Concatenate(name="fusion")([pooled, recurrent])
+    z = keras.layers.Dropout(dropout, name="dropout_1")(z)
+    z = keras.layers.Dense(int(settings["dense_units"]), activation="relu", name="dense")(z)
+    z = keras.layers.Dropout(dropout, name="dropout_2")(z)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs", dtype="float32")(z)
+    head = keras.Model(inputs, outputs, name=name)
+    if feature_stats is not None:
+        if norm != "standardize":
+            log.warning("feature_stats ignored: head_norm is %r, not 'standardize'", norm)
+        else:
+            set_feature_stats(head, *feature_stats)
+    return head
+
+
+def build_hybrid(
+    settings: Mapping[str, Any],
+    *,
+    head: keras.Model | None = None,
+    feature_stats: tuple[np.ndarray, np.ndarray] | None = None,
+    backbone_seed: int | None = None,
+) -> keras.Model:
+    """The whole hybrid: image (S, S, 3) float 0-255 RGB -> probabilities (2,) [p_healthy, p_all].
+
+    ``settings`` as returned by allfuse.config.backbone_settings (backbone, input_size, weights,
+    gru_units, bidirectional, dense_units, dropout, ...). Pass a trained ``head`` (from head mode)
+    to put it on top of the backbone; with ``weights: null`` also pass the ``backbone_seed`` the
+    features were extracted with, so the random backbone is the same one.
+    The model holds two nested models, "backbone" and the head, so callers can freeze either.
+    """
+    import keras
+
+    backbone_name = settings["backbone"]
+    size = int(settings["input_size"])
+    backbone = build_backbone(backbone_name, size, settings.get("weights"), seed=backbone_seed)
+    shape = tuple(int(v) for v in backbone.output.shape[1:])
+    if head is None:
+        head = build_head(shape, settings, feature_stats=feature_stats)  # type: ignore[arg-type]
+    elif tuple(head.input.shape[1:]) != shape:
+        raise ValueError(f"head expects feature maps {tuple(head.input.shape[1:])}, backbone gives {shape}")
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    outputs = head(backbone(inputs))
+    return keras.Model(inputs, outputs, name=f"{backbone_name}_gru")
