@@ -1,5 +1,7 @@
 """Rule combine_datasets: pool the ALL_IDB1 and ALL_IDB2 manifests and image caches."""
 
+from pathlib import Path
+
 from _common import run, standalone
 
 from allfuse.data import combine_datasets, load_images, read_manifest, summarise_rows, write_dataset
@@ -11,7 +13,7 @@ def main(smk, log):
         for manifest, images in zip(smk.input.manifests, smk.input.images, strict=True)
     ]
     rows, images = combine_datasets(parts)
-    write_dataset(smk.output.manifest, smk.output.images, rows, images)
+    write_dataset(Path(smk.output.manifest).parent, rows, images)
     log.info("%s", summarise_rows(rows))
 
 

@@ -1,5 +1,7 @@
 """Rule ingest_archive: validate one ALL-IDB archive, write its manifest and decoded image cache."""
 
+from pathlib import Path
+
 from _common import run, standalone
 
 from allfuse.data import ingest_archive, summarise_rows, write_dataset
@@ -12,7 +14,7 @@ def main(smk, log):
         image_size=smk.params.image_size,
         max_pixels=smk.params.max_pixels,
     )
-    write_dataset(smk.output.manifest, smk.output.images, rows, images)
+    write_dataset(Path(smk.output.manifest).parent, rows, images)
     log.info("%s", summarise_rows(rows))
 
 
