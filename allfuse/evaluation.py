@@ -1,6 +1,6 @@
 """From member predictions to the paper's results and the ones it lacks.
 
-Four stages, each behind one function that a workflow rule calls:
+Three stages, each behind one function that a workflow rule calls, and the figures:
 
 - :func:`aggregate_ensemble`: one backbone's deep ensemble (mean probability, total / aleatoric /
   epistemic uncertainty per image); finishes the ensemble's MLflow parent run.
@@ -11,15 +11,18 @@ Four stages, each behind one function that a workflow rule calls:
   the comparison with the paper's figures, and the referral analysis.
 - plots live in :mod:`allfuse.plots` and read the same files through :func:`load_dataset_models`.
 
+Rules pass every input file explicitly, as ordered lists (dataset, then backbone, then seed, as
+the ``datasets``/``backbones``/``seeds`` arguments give them); run records that name their
+dataset, backbone or seed are checked against their slot, so a list passed out of order fails
+loudly instead of mislabelling a table row.
+
 The pure parts (:func:`ensemble_of`, :func:`fuse_ensembles`, :func:`metrics_rows`,
 :func:`referral_rows`, the formatters) take and return :class:`Predictions` and plain rows; the
-four stage functions add file reading, writing and MLflow.
+stage functions add file reading, writing and MLflow.
 
-Files follow docs/ARCHITECTURE.md: ``results/members/{dataset}/{backbone}/seed{seed}/``,
-``results/ensembles/{dataset}/{backbone}/``, ``results/fusion/{dataset}/``,
-``results/splits/{dataset}.json``. Every number in a table is computed from stored probabilities
-by :func:`allfuse.metrics.evaluate_probs` (threshold metrics from the confusion matrix), on the
-TEST split; validation predictions only choose fusion weights and referral thresholds.
+File formats follow docs/ARCHITECTURE.md. Every number in a table is computed from stored
+probabilities by :func:`allfuse.metrics.evaluate_probs` (threshold metrics from the confusion
+matrix), on the TEST split; validation predictions only choose fusion weights and referral thresholds.
 """
 
 from __future__ import annotations
@@ -64,15 +67,12 @@ __all__ = [
     "UNCERTAINTY_COLUMNS",
     "aggregate_ensemble",
     "check_aligned",
-    "ensemble_dir",
     "ensemble_of",
     "evaluate",
     "format_metrics_csv",
     "fuse_ensembles",
     "fuse_predictions",
-    "fusion_dir",
     "load_dataset_models",
-    "member_dir",
     "metrics_markdown",
     "metrics_rows",
     "paper_comparison_markdown",
@@ -80,7 +80,6 @@ __all__ = [
     "read_predictions",
     "referral_rows",
     "score_test_split",
-    "split_path",
 ]
 
 SPLITS = ("val", "test")
@@ -150,31 +149,6 @@ PAPER_RESULTS: dict[str, PaperFigure] = {
 }
 
 EVALUATION_KEYS = ("n_bootstrap", "seed", "ci_level", "ece_bins", "referral_target_accuracy")
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout (docs/ARCHITECTURE.md, results map)
-# ---------------------------------------------------------------------------------------------
-
-
-def member_dir(results: PathLike, dataset: str, backbone: str, seed: int) -> Path:
-    return Path(results) / "members" / dataset / backbone / f"seed{seed}"
-
-
-def parent_run_path(results: PathLike, dataset: str, backbone: str) -> Path:
-    return Path(results) / "members" / dataset / backbone / "parent_run.json"
-
-
-def ensemble_dir(results: PathLike, dataset: str, backbone: str) -> Path:
-    return Path(results) / "ensembles" / dataset / backbone
-
-
-def fusion_dir(results: PathLike, dataset: str) -> Path:
-    return Path(results) / "fusion" / dataset
-
-
-def split_path(results: PathLike, dataset: str) -> Path:
-    return Path(results) / "splits" / f"{dataset}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,49 +819,74 @@ def paper_comparison_markdown(
     return "\n".join(out)
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Loading one dataset's results
+# Loading: rules pass explicit, ordered path lists (no results root is assumed)
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_id(path: Path) -> str:
+def _record(path: PathLike, producer: str) -> dict[str, Any]:
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: run record not found; it is written last by the rule that made the predictions")
-    record = read_json(path)
-    return str(record.get("run_id") or "")
+        raise DataError(f"{path}: run record not found; it is written last by rule {producer}")
+    return read_json(path)
 
 
-def _synthetic(results: PathLike, dataset: str) -> tuple[bool, str]:
-    path = split_path(results, dataset)
+def _grid(paths: Sequence[PathLike], keys: Sequence[tuple], what: str) -> dict[tuple, Path]:
+    """Pair an ordered path list with its keys (e.g. (dataset, backbone, seed) in nested order)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) != len(keys):
+        raise DataError(
+            f"{what}: got {len(paths)} files for {len(keys)} expected ({', '.join('/'.join(map(str, k)) for k in keys[:6])}"
+            f"{', ...' if len(keys) > 6 else ''}); the rule's inputs and its datasets/backbones/seeds disagree"
+        )
+    return dict(zip(keys, paths, strict=True))
+
+
+def _check_identity(record: Mapping[str, Any], path: Path, **expected: Any) -> None:
+    """Catch inputs passed in the wrong order: a run record that names itself must match its slot."""
+    wrong = [
+        f"{key} {record[key]!r} (expected {value!r})"
+        for key, value in expected.items()
+        if key in record and str(record[key]) != str(value)
+    ]
+    if wrong:
+        raise DataError(f"{path}: run record is for {', '.join(wrong)}; inputs are out of order or mislabelled")
+
+
+def _load_member(
+    predictions: Path, run: Path, dataset: str, backbone: str, seed: int
+) -> tuple[Predictions, str]:
+    record = _record(run, "train_member")
+    _check_identity(record, run, dataset=dataset, backbone=backbone, seed=seed)
+    return read_predictions(predictions), str(record.get("run_id") or "")
+
+
+def _load_ensemble(predictions: Path, run: Path, dataset: str, backbone: str) -> tuple[Predictions, str]:
+    record = _record(run, "aggregate_ensemble")
+    _check_identity(record, run, dataset=dataset, backbone=backbone)
+    return read_predictions(predictions, uncertainty=True), str(record.get("run_id") or "")
+
+
+def _split_info(path: PathLike | None) -> tuple[bool, str]:
+    """(synthetic, protocol) of a split file; (False, 'n/a') when none is given."""
+    if path is None:
+        return False, "n/a"
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found; it is written by rule make_splits")
     split = read_json(path)
     return bool(split.get("synthetic", False)), str(split.get("protocol", "n/a"))
 
 
-def _load_members(
-    results: PathLike, dataset: str, backbone: str, seeds: Sequence[int]
-) -> dict[int, tuple[Predictions, str]]:
-    if not seeds:
-        raise ConfigError("ensemble.seeds is empty; an ensemble needs at least one member")
-    out = {}
-    for seed in seeds:
-        directory = member_dir(results, dataset, backbone, int(seed))
-        pred = read_predictions(directory / "predictions.csv")
-        out[int(seed)] = (pred, _run_id(directory / "run.json"))
-    return out
-
-
-def load_dataset_models(
-    results: PathLike, dataset: str, backbones: Sequence[str]
-) -> dict[str, Predictions]:
+def load_dataset_models(ensembles: Mapping[str, PathLike], fusion: PathLike) -> dict[str, Predictions]:
     """Each backbone's ensemble and the sum-rule fusion of one dataset, keyed by display name.
 
-    Keys: the backbone names in the given order, then ``"fusion (sum)"``. Used by the plots.
+    ``ensembles`` maps backbone to its ensemble predictions.csv, ``fusion`` is the dataset's fusion
+    predictions.csv. Keys: the backbones in the given order, then ``"fusion (sum)"``.
     """
-    models = {b: read_predictions(ensemble_dir(results, dataset, b) / "predictions.csv", uncertainty=True)
-              for b in backbones}  # fmt: skip
-    models[f"{FUSION_MODEL} ({PAPER_RULE})"] = read_fusion(fusion_dir(results, dataset) / "predictions.csv")[PAPER_RULE]
+    models = {b: read_predictions(path, uncertainty=True) for b, path in ensembles.items()}
+    models[f"{FUSION_MODEL} ({PAPER_RULE})"] = read_fusion(fusion)[PAPER_RULE]
     return models
 
 
@@ -920,11 +919,13 @@ def _metric_log(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 
 def aggregate_ensemble(
-    results: PathLike,
+    member_predictions: Sequence[PathLike],
+    member_runs: Sequence[PathLike],
+    parent_run: PathLike,
+    *,
     dataset: str,
     backbone: str,
     seeds: Sequence[int],
-    *,
     evaluation: Mapping[str, Any],
     store: PathLike | None,
     out_predictions: PathLike,
@@ -932,17 +933,17 @@ def aggregate_ensemble(
 ) -> dict[str, Any]:
     """Average one backbone's members into its deep ensemble, log it, finish its parent run.
 
-    Reads ``members/{dataset}/{backbone}/seed{seed}/predictions.csv`` and ``run.json`` for each
-    seed and ``parent_run.json``; checks every member covers the same images with the same labels
-    and splits; writes ``out_predictions`` (:data:`ENSEMBLE_COLUMNS`, val and test) and, last,
-    ``out_run`` (the parent run's id and the members'). With ``store`` (store.json of rule
-    init_tracking) the ensemble's test metrics are logged into the parent run, which then ends
-    FINISHED (FAILED if this function raises); ``store=None`` skips MLflow. Returns the run record.
+    ``member_predictions`` and ``member_runs`` are the members' predictions.csv and run.json, one
+    per seed in ``seeds`` order; ``parent_run`` is the ensemble's parent_run.json. Checks every
+    member covers the same images with the same labels and splits; writes ``out_predictions``
+    (:data:`ENSEMBLE_COLUMNS`, val and test) and, last, ``out_run`` (the parent run's id and the
+    members'). With ``store`` (store.json of rule init_tracking) the ensemble's test metrics
+    (``ensemble_test_{metric}``) are logged into the parent run, which then ends FINISHED
+    (FAILED if this function raises); ``store=None`` skips MLflow. Returns the run record.
     """
-    parent_path = parent_run_path(results, dataset, backbone)
-    if not parent_path.is_file():
-        raise DataError(f"{parent_path}: parent run record not found; it is written by rule start_ensemble_run")
-    parent = read_json(parent_path)
+    if not seeds:
+        raise ConfigError("ensemble.seeds is empty; an ensemble needs at least one member")
+    parent = _record(parent_run, "start_ensemble_run")
     info = _store(store)
     run = None
     if info is not None:
@@ -950,17 +951,20 @@ def aggregate_ensemble(
 
         run = Run(info["uri"], parent["run_id"])
     try:
-        members = _load_members(results, dataset, backbone, seeds)
+        keys = [(int(s),) for s in seeds]
+        preds = _grid(member_predictions, keys, "member predictions")
+        runs = _grid(member_runs, keys, "member run records")
+        members = {k[0]: _load_member(preds[k], runs[k], dataset, backbone, k[0]) for k in keys}
         ensemble = ensemble_of([pred for pred, _ in members.values()])
         write_csv(out_predictions, prediction_rows(ensemble), ENSEMBLE_COLUMNS)
         metrics = score_test_split(ensemble, evaluation)
-        member_runs = {str(seed): run_id for seed, (_, run_id) in members.items()}
+        member_runs_by_seed = {str(seed): run_id for seed, (_, run_id) in members.items()}
         if run is not None:
             run.log_metrics(_metric_log(metrics, "ensemble_test_"))
             run.set_tags(
                 {
                     "allfuse.n_members": len(members),
-                    "allfuse.member_run_ids": ",".join(member_runs.values()),
+                    "allfuse.member_run_ids": ",".join(member_runs_by_seed.values()),
                     "allfuse.evaluation_sha256": sha256_json(dict(evaluation)),
                 }
             )
@@ -981,7 +985,7 @@ def aggregate_ensemble(
         "backbone": backbone,
         "seeds": [int(s) for s in seeds],
         "n_members": len(members),
-        "member_run_ids": member_runs,
+        "member_run_ids": member_runs_by_seed,
         "test_accuracy": metrics["accuracy"],
         "test_roc_auc": metrics["roc_auc"],
     }
@@ -995,11 +999,15 @@ def aggregate_ensemble(
 
 
 def fuse_predictions(
-    results: PathLike,
+    ensemble_predictions: Sequence[PathLike],
+    ensemble_runs: Sequence[PathLike],
+    member_predictions: Sequence[PathLike],
+    member_runs: Sequence[PathLike],
+    split: PathLike | None = None,
+    *,
     dataset: str,
     backbones: Sequence[str],
     seeds: Sequence[int],
-    *,
     evaluation: Mapping[str, Any],
     store: PathLike | None,
     out_predictions: PathLike,
@@ -1008,23 +1016,34 @@ def fuse_predictions(
 ) -> dict[str, Any]:
     """Fuse the backbones' ensembles of one dataset by every rule; log the fusion as its own run.
 
-    Reads ``ensembles/{dataset}/{backbone}/predictions.csv`` and ``run.json`` and every member's
-    predictions and ``run.json``. Writes ``out_predictions`` (:data:`FUSION_COLUMNS`, long format,
-    one block per rule in :data:`allfuse.fusion.RULES` order, val and test), ``out_weights`` (the
-    weighted-sum weights, from validation only) and, last, ``out_run``. With ``store`` an MLflow
-    run tagged with the member and ensemble (parent) run ids gets each rule's test metrics
-    (``{rule}_test_{metric}``) and both files. Returns the run record.
+    ``ensemble_*`` are the ensembles' predictions.csv and run.json in ``backbones`` order;
+    ``member_*`` the members' predictions.csv and run.json, backbone-major then ``seeds`` order;
+    ``split`` the dataset's split file (for the synthetic tag). Writes ``out_predictions``
+    (:data:`FUSION_COLUMNS`, long format, one block per rule in :data:`allfuse.fusion.RULES`
+    order, val and test), ``out_weights`` (the weighted-sum weights, from validation only) and,
+    last, ``out_run``. With ``store`` an MLflow run tagged with the member and ensemble (parent)
+    run ids gets each rule's test metrics (``{rule}_test_{metric}``) and both files. Returns the
+    run record.
     """
     if not backbones:
         raise ConfigError("no backbones configured; fusion needs at least one")
-    ensembles, ensemble_runs, members, member_runs = {}, {}, {}, {}
-    for b in backbones:
-        directory = ensemble_dir(results, dataset, b)
-        ensembles[b] = read_predictions(directory / "predictions.csv", uncertainty=True)
-        ensemble_runs[b] = _run_id(directory / "run.json")
-        loaded = _load_members(results, dataset, b, seeds)
-        members[b] = [pred for pred, _ in loaded.values()]
-        member_runs[b] = [run_id for _, run_id in loaded.values()]
+    if not seeds:
+        raise ConfigError("ensemble.seeds is empty; an ensemble needs at least one member")
+    b_keys = [(b,) for b in backbones]
+    m_keys = [(b, int(s)) for b in backbones for s in seeds]
+    ens_paths = _grid(ensemble_predictions, b_keys, "ensemble predictions")
+    ens_run_paths = _grid(ensemble_runs, b_keys, "ensemble run records")
+    mem_paths = _grid(member_predictions, m_keys, "member predictions")
+    mem_run_paths = _grid(member_runs, m_keys, "member run records")
+    ensembles, ensemble_run_ids = {}, {}
+    for (b,) in b_keys:
+        ensembles[b], ensemble_run_ids[b] = _load_ensemble(ens_paths[(b,)], ens_run_paths[(b,)], dataset, b)
+    members: dict[str, list[Predictions]] = {b: [] for b in backbones}
+    member_run_ids: dict[str, list[str]] = {b: [] for b in backbones}
+    for key in m_keys:
+        pred, run_id = _load_member(mem_paths[key], mem_run_paths[key], dataset, *key)
+        members[key[0]].append(pred)
+        member_run_ids[key[0]].append(run_id)
     fused, weights = fuse_ensembles(ensembles, members)
     rows = [row for rule, pred in fused.items() for row in prediction_rows(pred, rule=rule)]
     write_csv(out_predictions, rows, FUSION_COLUMNS)
@@ -1036,16 +1055,17 @@ def fuse_predictions(
     if info is not None:
         from allfuse import tracking
 
+        synthetic, _ = _split_info(split)
         tags = tracking.provenance_tags(
             rule="fuse_predictions",
             wildcards={"dataset": dataset},
             config_hash=sha256_json(dict(evaluation)),
-            inputs={f"ensemble.{b}": ensemble_dir(results, dataset, b) / "predictions.csv" for b in backbones},
+            inputs={f"ensemble.{b}": ens_paths[(b,)] for b in backbones},
         )
-        tags.update({"allfuse.level": "fusion", "allfuse.dataset": dataset, "allfuse.synthetic": _synthetic_tag(results, dataset)})
+        tags.update({"allfuse.level": "fusion", "allfuse.dataset": dataset, "allfuse.synthetic": str(synthetic).lower()})
         for b in backbones:
-            tags[f"allfuse.ensemble_run.{b}"] = ensemble_runs[b]
-            tags[f"allfuse.member_runs.{b}"] = ",".join(member_runs[b])
+            tags[f"allfuse.ensemble_run.{b}"] = ensemble_run_ids[b]
+            tags[f"allfuse.member_runs.{b}"] = ",".join(member_run_ids[b])
         with tracking.tracked_run(info["uri"], info["experiment"], f"fusion-{dataset}", tags=tags) as run:
             run.log_params(
                 {"rules": list(fused), "weight_metric": weights["metric"], "seeds": list(seeds),
@@ -1065,18 +1085,13 @@ def fuse_predictions(
         "dataset": dataset,
         "backbones": list(backbones),
         "rules": list(fused),
-        "ensemble_run_ids": ensemble_runs,
-        "member_run_ids": member_runs,
+        "ensemble_run_ids": ensemble_run_ids,
+        "member_run_ids": member_run_ids,
         "weights": weights["weights"],
         "sum_test_accuracy": metrics[PAPER_RULE]["accuracy"],
     }
     write_json(out_run, record)
     return record
-
-
-def _synthetic_tag(results: PathLike, dataset: str) -> str:
-    path = split_path(results, dataset)
-    return str(bool(read_json(path).get("synthetic", False))).lower() if path.is_file() else "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1085,11 +1100,17 @@ def _synthetic_tag(results: PathLike, dataset: str) -> str:
 
 
 def evaluate(
-    results: PathLike,
+    member_predictions: Sequence[PathLike],
+    member_runs: Sequence[PathLike],
+    ensemble_predictions: Sequence[PathLike],
+    ensemble_runs: Sequence[PathLike],
+    fusion_predictions: Sequence[PathLike],
+    fusion_runs: Sequence[PathLike],
+    splits: Sequence[PathLike],
+    *,
     datasets: Sequence[str],
     backbones: Sequence[str],
     seeds: Sequence[int],
-    *,
     evaluation: Mapping[str, Any],
     store: PathLike | None,
     plots: Sequence[PathLike] = (),
@@ -1101,9 +1122,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metric tables, paper comparison and referral analysis over every dataset; one MLflow run.
 
-    Reads members, ensembles, fusion predictions and their run.json files and the split files
-    (for the synthetic flag and protocol). Writes ``out_metrics_csv`` (one row per dataset x
-    model x level, :data:`METRICS_TABLE_COLUMNS`, fixed formatting: byte-identical on rerun),
+    Path lists are ordered dataset-major: members (dataset, backbone, seed), ensembles (dataset,
+    backbone), fusion and split files (dataset). Writes ``out_metrics_csv`` (one row per dataset
+    x model x level, :data:`METRICS_TABLE_COLUMNS`, fixed formatting: byte-identical on rerun),
     ``out_metrics_md``, ``out_paper``, ``out_referral`` (:data:`REFERRAL_COLUMNS`) and, last,
     ``out_run``. With ``store`` an MLflow run named "evaluate" gets the sum-rule test metrics of
     each dataset (``{dataset}_sum_{metric}``), tags naming the fusion, ensemble and member runs
@@ -1113,26 +1134,39 @@ def evaluate(
     cfg = _check_evaluation(evaluation)
     if not datasets:
         raise ConfigError("no datasets configured; nothing to evaluate")
+    if not backbones or not seeds:
+        raise ConfigError("evaluation needs at least one backbone and one ensemble seed")
+    m_keys = [(d, b, int(s)) for d in datasets for b in backbones for s in seeds]
+    e_keys = [(d, b) for d in datasets for b in backbones]
+    d_keys = [(d,) for d in datasets]
+    mem_paths = _grid(member_predictions, m_keys, "member predictions")
+    mem_run_paths = _grid(member_runs, m_keys, "member run records")
+    ens_paths = _grid(ensemble_predictions, e_keys, "ensemble predictions")
+    ens_run_paths = _grid(ensemble_runs, e_keys, "ensemble run records")
+    fus_paths = _grid(fusion_predictions, d_keys, "fusion predictions")
+    fus_run_paths = _grid(fusion_runs, d_keys, "fusion run records")
+    split_paths = _grid(splits, d_keys, "split files")
+
     rows: list[dict[str, Any]] = []
     referral: list[dict[str, Any]] = []
     protocols: dict[str, str] = {}
     links: dict[str, str] = {}
+    target = float(cfg["referral_target_accuracy"])
     for dataset in datasets:
-        synthetic, protocols[dataset] = _synthetic(results, dataset)
-        members = {}
-        ensembles = {}
-        for b in backbones:
-            for seed, pair in _load_members(results, dataset, b, seeds).items():
-                members[(b, seed)] = pair
-            directory = ensemble_dir(results, dataset, b)
-            ensembles[b] = (
-                read_predictions(directory / "predictions.csv", uncertainty=True),
-                _run_id(directory / "run.json"),
-            )
-        fusion = read_fusion(fusion_dir(results, dataset) / "predictions.csv")
-        fusion_run = _run_id(fusion_dir(results, dataset) / "run.json")
+        synthetic, protocols[dataset] = _split_info(split_paths[(dataset,)])
+        members = {
+            (b, s): _load_member(mem_paths[(dataset, b, s)], mem_run_paths[(dataset, b, s)], dataset, b, s)
+            for (d, b, s) in m_keys
+            if d == dataset
+        }
+        ensembles = {
+            b: _load_ensemble(ens_paths[(dataset, b)], ens_run_paths[(dataset, b)], dataset, b) for b in backbones
+        }
+        fusion_record = _record(fus_run_paths[(dataset,)], "fuse_predictions")
+        _check_identity(fusion_record, fus_run_paths[(dataset,)], dataset=dataset)
+        fusion_run = str(fusion_record.get("run_id") or "")
+        fusion = read_fusion(fus_paths[(dataset,)])
         rows += metrics_rows(dataset, members, ensembles, fusion, fusion_run, cfg, synthetic)
-        target = float(cfg["referral_target_accuracy"])
         for b, (pred, _) in ensembles.items():
             referral += referral_rows(dataset, b, "ensemble", None, pred, target, synthetic)
         referral += referral_rows(dataset, FUSION_MODEL, "fusion", PAPER_RULE, fusion[PAPER_RULE], target, synthetic)
@@ -1155,7 +1189,7 @@ def evaluate(
             rule="evaluate",
             wildcards={},
             config_hash=sha256_json(cfg),
-            inputs={f"fusion.{d}": fusion_dir(results, d) / "predictions.csv" for d in datasets},
+            inputs={f"fusion.{d}": fus_paths[(d,)] for d in datasets},
         )
         tags.update(links)
         tags["allfuse.level"] = "evaluation"
@@ -1181,4 +1215,3 @@ def evaluate(
     }
     write_json(out_run, record)
     return record
-

@@ -9,15 +9,14 @@ inside the functions, keeping ``import allfuse.plots`` cheap for the Snakefile.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.evaluation import Predictions, load_dataset_models
-from allfuse.io import PathLike, atomic_path
+from allfuse.io import PathLike, atomic_path, read_json
 from allfuse.metrics import DEFAULT_REFERRAL_FRACTIONS, confusion, ece, referral_curve, reliability, roc_auc
 from allfuse.uncertainty import predict_labels
 
@@ -171,30 +170,32 @@ def plot_confusion(models: Mapping[str, Predictions], path: PathLike, title: str
 
 
 def plot_dataset(
-    results: PathLike,
-    dataset: str,
-    backbones: list[str] | tuple[str, ...],
+    ensemble_predictions: Sequence[PathLike],
+    fusion_predictions: PathLike,
+    split: PathLike | None = None,
     *,
+    dataset: str,
+    backbones: Sequence[str],
     outputs: Mapping[str, PathLike],
     ece_bins: int,
-    synthetic: bool | None = None,
 ) -> list[str]:
     """Every figure of one dataset: ``outputs`` maps each of :data:`PLOT_KINDS` to its PNG path.
 
-    Reads the backbones' ensemble predictions and the fusion predictions under ``results``
-    (docs/ARCHITECTURE.md) and plots their TEST split. ``synthetic`` (None: read from the split
-    file) marks every title as synthetic demo data. Returns the paths written.
+    ``ensemble_predictions`` are the backbones' ensemble predictions.csv in ``backbones`` order,
+    ``fusion_predictions`` the dataset's fusion predictions.csv; their TEST split is plotted.
+    ``split`` (the dataset's split file) marks every title as synthetic demo data when it says
+    so. Returns the paths written, in :data:`PLOT_KINDS` order.
     """
     unknown = sorted(set(outputs) - set(PLOT_KINDS))
     missing = [k for k in PLOT_KINDS if k not in outputs]
     if unknown or missing:
         raise ConfigError(f"plot outputs must name exactly {', '.join(PLOT_KINDS)}; missing {missing}, unknown {unknown}")
-    if synthetic is None:
-        split = Path(results) / "splits" / f"{dataset}.json"
-        from allfuse.io import read_json
-
-        synthetic = bool(read_json(split).get("synthetic", False)) if split.is_file() else False
-    models = load_dataset_models(results, dataset, list(backbones))
+    if len(ensemble_predictions) != len(backbones):
+        raise DataError(
+            f"plots of {dataset}: {len(ensemble_predictions)} ensemble files for backbones {list(backbones)}"
+        )
+    synthetic = bool(read_json(split).get("synthetic", False)) if split is not None else False
+    models = load_dataset_models(dict(zip(backbones, ensemble_predictions, strict=True)), fusion_predictions)
     tag = " (synthetic demo data)" if synthetic else ""
     makers: dict[str, Callable[[], None]] = {
         "roc": lambda: plot_roc(models, outputs["roc"], f"{dataset}{tag}: ROC curves, test split"),

@@ -27,6 +27,27 @@ N_VAL, N_TEST = 8, 10
 EVAL = {"n_bootstrap": 200, "seed": 0, "ci_level": 0.95, "ece_bins": 10, "referral_target_accuracy": 0.99}
 
 
+# The results map of docs/ARCHITECTURE.md.
+def member_dir(root: Path, dataset: str, backbone: str, seed: int) -> Path:
+    return root / "members" / dataset / backbone / f"seed{seed}"
+
+
+def parent_run_path(root: Path, dataset: str, backbone: str) -> Path:
+    return root / "members" / dataset / backbone / "parent_run.json"
+
+
+def ensemble_dir(root: Path, dataset: str, backbone: str) -> Path:
+    return root / "ensembles" / dataset / backbone
+
+
+def fusion_dir(root: Path, dataset: str) -> Path:
+    return root / "fusion" / dataset
+
+
+def split_path(root: Path, dataset: str) -> Path:
+    return root / "splits" / f"{dataset}.json"
+
+
 def images(dataset: str) -> list[tuple[str, str, int]]:
     """(image_id, split, label): labels alternate healthy / ALL."""
     rows = [(f"{dataset}/Im{k:03d}_{k % 2}", "val", k % 2) for k in range(N_VAL)]
@@ -50,9 +71,9 @@ def make_results(
     """Member predictions, run records, parent runs and split files under ``root``."""
     hard = hard or {"ALL_IDB1": frozenset(), "ALL_IDB2": frozenset({3, 12, 15})}
     for dataset in datasets:
-        write_json(ev.split_path(root, dataset), {"dataset": dataset, "protocol": "paper", "synthetic": synthetic})
+        write_json(split_path(root, dataset), {"dataset": dataset, "protocol": "paper", "synthetic": synthetic})
         for bi, backbone in enumerate(BACKBONES):
-            write_json(ev.parent_run_path(root, dataset, backbone), {"run_id": f"parent-{dataset}-{backbone}"})
+            write_json(parent_run_path(root, dataset, backbone), {"run_id": f"parent-{dataset}-{backbone}"})
             for seed in SEEDS:
                 rows = []
                 for k, (image_id, split, label) in enumerate(images(dataset)):
@@ -60,30 +81,58 @@ def make_results(
                     p_all = p if label == 1 else 1.0 - p
                     rows.append({"image_id": image_id, "split": split, "label": label,
                                  "p_healthy": 1.0 - p_all, "p_all": p_all})  # fmt: skip
-                directory = ev.member_dir(root, dataset, backbone, seed)
+                directory = member_dir(root, dataset, backbone, seed)
                 # Members write rows in their own order; the reader must not depend on it.
                 write_csv(directory / "predictions.csv", rows[::-1], ev.PREDICTION_COLUMNS)
-                write_json(directory / "run.json", {"run_id": f"run-{dataset}-{backbone}-{seed}", "seed": seed})
+                write_json(
+                    directory / "run.json",
+                    {"run_id": f"run-{dataset}-{backbone}-{seed}", "dataset": dataset, "backbone": backbone, "seed": seed},
+                )
+
+
+def aggregate(root: Path, dataset: str, backbone: str, store=None) -> dict:
+    dirs = [member_dir(root, dataset, backbone, s) for s in SEEDS]
+    out = ensemble_dir(root, dataset, backbone)
+    return ev.aggregate_ensemble(
+        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs], parent_run_path(root, dataset, backbone),
+        dataset=dataset, backbone=backbone, seeds=SEEDS, evaluation=EVAL, store=store,
+        out_predictions=out / "predictions.csv", out_run=out / "run.json",
+    )  # fmt: skip
+
+
+def fuse_dataset(root: Path, dataset: str, store=None) -> dict:
+    dirs = [member_dir(root, dataset, b, s) for b in BACKBONES for s in SEEDS]
+    ens = [ensemble_dir(root, dataset, b) for b in BACKBONES]
+    out = fusion_dir(root, dataset)
+    return ev.fuse_predictions(
+        [e / "predictions.csv" for e in ens], [e / "run.json" for e in ens],
+        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs], split_path(root, dataset),
+        dataset=dataset, backbones=BACKBONES, seeds=SEEDS, evaluation=EVAL, store=store,
+        out_predictions=out / "predictions.csv", out_weights=out / "weights.json", out_run=out / "run.json",
+    )  # fmt: skip
 
 
 def run_ensembles_and_fusion(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None) -> None:
     for dataset in datasets:
         for backbone in BACKBONES:
-            out = ev.ensemble_dir(root, dataset, backbone)
-            ev.aggregate_ensemble(root, dataset, backbone, SEEDS, evaluation=EVAL, store=store,
-                                  out_predictions=out / "predictions.csv", out_run=out / "run.json")  # fmt: skip
-        out = ev.fusion_dir(root, dataset)
-        ev.fuse_predictions(root, dataset, BACKBONES, SEEDS, evaluation=EVAL, store=store,
-                            out_predictions=out / "predictions.csv", out_weights=out / "weights.json",
-                            out_run=out / "run.json")  # fmt: skip
+            aggregate(root, dataset, backbone, store)
+        fuse_dataset(root, dataset, store)
 
 
 def run_evaluate(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None, plots=()) -> dict:
+    dirs = [member_dir(root, d, b, s) for d in datasets for b in BACKBONES for s in SEEDS]
+    ens = [ensemble_dir(root, d, b) for d in datasets for b in BACKBONES]
+    fus = [fusion_dir(root, d) for d in datasets]
     tables = root / "tables"
-    return ev.evaluate(root, datasets, BACKBONES, SEEDS, evaluation=EVAL, store=store, plots=plots,
-                       out_metrics_csv=tables / "metrics.csv", out_metrics_md=tables / "metrics.md",
-                       out_paper=tables / "paper_comparison.md", out_referral=tables / "referral.csv",
-                       out_run=tables / "run.json")  # fmt: skip
+    return ev.evaluate(
+        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs],
+        [e / "predictions.csv" for e in ens], [e / "run.json" for e in ens],
+        [f / "predictions.csv" for f in fus], [f / "run.json" for f in fus],
+        [split_path(root, d) for d in datasets],
+        datasets=datasets, backbones=BACKBONES, seeds=SEEDS, evaluation=EVAL, store=store, plots=plots,
+        out_metrics_csv=tables / "metrics.csv", out_metrics_md=tables / "metrics.md",
+        out_paper=tables / "paper_comparison.md", out_referral=tables / "referral.csv", out_run=tables / "run.json",
+    )  # fmt: skip
 
 
 def run_pipeline(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None) -> dict:
@@ -107,7 +156,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ensemble_csv(root: Path, dataset: str, backbone: str) -> dict[str, dict[str, str]]:
-    return {r["image_id"]: r for r in read_csv(ev.ensemble_dir(root, dataset, backbone) / "predictions.csv")}
+    return {r["image_id"]: r for r in read_csv(ensemble_dir(root, dataset, backbone) / "predictions.csv")}
 
 
 def entropy(p: float) -> float:
@@ -123,7 +172,7 @@ def test_ensemble_mean_and_uncertainty_by_hand(results: Path) -> None:
     run_ensembles_and_fusion(results, ("ALL_IDB2",))
     rows = ensemble_csv(results, "ALL_IDB2", "mobilenetv2")
     assert len(rows) == N_VAL + N_TEST
-    assert list(read_csv(ev.ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "predictions.csv")[0]) == list(
+    assert list(read_csv(ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "predictions.csv")[0]) == list(
         ev.ENSEMBLE_COLUMNS
     )
     # Image 3 (ALL, hard) for mobilenetv2 (index 1): seed 1 gives p_true 0.30, seed 2 gives 0.35.
@@ -139,28 +188,41 @@ def test_ensemble_mean_and_uncertainty_by_hand(results: Path) -> None:
     row = rows["ALL_IDB2/Im010_0"]
     assert float(row["p_all"]) == pytest.approx(1 - (0.95 + 0.90) / 2)
     assert float(row["spread"]) == pytest.approx(0.025)
-    record = read_json(ev.ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "run.json")
+    record = read_json(ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "run.json")
     assert record["run_id"] == "parent-ALL_IDB2-mobilenetv2"
     assert record["member_run_ids"] == {"1": "run-ALL_IDB2-mobilenetv2-1", "2": "run-ALL_IDB2-mobilenetv2-2"}
     assert record["n_members"] == 2
 
 
 def test_members_on_different_images_or_labels_are_refused(results: Path) -> None:
-    path = ev.member_dir(results, "ALL_IDB1", "inceptionv3", 2) / "predictions.csv"
+    path = member_dir(results, "ALL_IDB1", "inceptionv3", 2) / "predictions.csv"
     rows = read_csv(path)
     rows = [r for r in rows if r["image_id"] != "ALL_IDB1/Im004_0"]
     rows[0]["label"] = str(1 - int(rows[0]["label"]))
     rows[0]["p_all"], rows[0]["p_healthy"] = rows[0]["p_healthy"], rows[0]["p_all"]
     write_csv(path, rows, ev.PREDICTION_COLUMNS)
-    out = ev.ensemble_dir(results, "ALL_IDB1", "inceptionv3")
+    out = ensemble_dir(results, "ALL_IDB1", "inceptionv3")
     with pytest.raises(DataError) as err:
-        ev.aggregate_ensemble(results, "ALL_IDB1", "inceptionv3", SEEDS, evaluation=EVAL, store=None,
-                              out_predictions=out / "predictions.csv", out_run=out / "run.json")  # fmt: skip
+        aggregate(results, "ALL_IDB1", "inceptionv3")
     message = str(err.value)
     assert "same images with the same labels" in message
     assert "lacks 1 image(s)" in message and "ALL_IDB1/Im004_0" in message
     assert "label differs" in message and str(path) in message
     assert not (out / "predictions.csv").exists() and not (out / "run.json").exists()
+
+
+def test_inputs_out_of_order_or_miscounted_are_refused(results: Path) -> None:
+    dirs = [member_dir(results, "ALL_IDB1", "inceptionv3", s) for s in SEEDS]
+    out = ensemble_dir(results, "ALL_IDB1", "inceptionv3")
+    common = dict(dataset="ALL_IDB1", backbone="inceptionv3", seeds=SEEDS, evaluation=EVAL, store=None,
+                  out_predictions=out / "predictions.csv", out_run=out / "run.json")  # fmt: skip
+    parent = parent_run_path(results, "ALL_IDB1", "inceptionv3")
+    preds, runs = [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs]
+    with pytest.raises(DataError, match="seed 2 \\(expected 1\\); inputs are out of order"):
+        ev.aggregate_ensemble(preds[::-1], runs[::-1], parent, **common)
+    with pytest.raises(DataError, match="got 1 files for 2 expected"):
+        ev.aggregate_ensemble(preds[:1], runs[:1], parent, **common)
+    assert not (out / "predictions.csv").exists()
 
 
 @pytest.mark.parametrize(
@@ -173,7 +235,7 @@ def test_members_on_different_images_or_labels_are_refused(results: Path) -> Non
     ],
 )
 def test_bad_member_file_names_file_and_line(results: Path, edit, expected: str) -> None:
-    path = ev.member_dir(results, "ALL_IDB1", "inceptionv3", 1) / "predictions.csv"
+    path = member_dir(results, "ALL_IDB1", "inceptionv3", 1) / "predictions.csv"
     rows = edit(read_csv(path))
     write_csv(path, rows, list(rows[0]))
     with pytest.raises(DataError, match="predictions") as err:
@@ -188,7 +250,7 @@ def test_bad_member_file_names_file_and_line(results: Path, edit, expected: str)
 
 def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
     run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    path = ev.fusion_dir(results, "ALL_IDB2") / "predictions.csv"
+    path = fusion_dir(results, "ALL_IDB2") / "predictions.csv"
     with open(path, encoding="utf-8") as fh:
         header = next(csv.reader(fh))
     assert header == list(ev.FUSION_COLUMNS) and header[0] == "rule"
@@ -205,7 +267,7 @@ def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
     members = np.stack(
         [
             [[float(r["p_healthy"]), float(r["p_all"])]
-             for r in sorted(read_csv(ev.member_dir(results, "ALL_IDB2", b, s) / "predictions.csv"),
+             for r in sorted(read_csv(member_dir(results, "ALL_IDB2", b, s) / "predictions.csv"),
                              key=lambda r: (r["split"], r["image_id"])) if r["image_id"] == image]  # fmt: skip
             for b in BACKBONES
             for s in SEEDS
@@ -218,7 +280,7 @@ def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
     # Every rule's probabilities match allfuse.fusion on the ensemble probabilities.
     ids = sorted(by_rule["sum"])
     model_probs = {b: np.array([[float(ens[b][i]["p_healthy"]), float(ens[b][i]["p_all"])] for i in ids]) for b in BACKBONES}
-    weights = read_json(ev.fusion_dir(results, "ALL_IDB2") / "weights.json")
+    weights = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
     for rule in RULES:
         expected = fuse(model_probs, rule, weights=weights["weights"] if rule == "weighted_sum" else None)
         got = np.array([float(by_rule[rule][i]["p_all"]) for i in ids])
@@ -227,20 +289,20 @@ def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
 
 def test_fusion_weights_come_from_validation_only(results: Path) -> None:
     run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    weights = read_json(ev.fusion_dir(results, "ALL_IDB2") / "weights.json")
+    weights = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
     assert weights["split"] == "val" and weights["n_val"] == N_VAL and weights["metric"] == "accuracy"
     # Spoil every test prediction of inceptionv3: the weights must not move.
     for seed in SEEDS:
-        path = ev.member_dir(results, "ALL_IDB2", "inceptionv3", seed) / "predictions.csv"
+        path = member_dir(results, "ALL_IDB2", "inceptionv3", seed) / "predictions.csv"
         rows = read_csv(path)
         for r in rows:
             if r["split"] == "test":
                 r["p_all"], r["p_healthy"] = r["p_healthy"], r["p_all"]
         write_csv(path, rows, ev.PREDICTION_COLUMNS)
     run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    again = read_json(ev.fusion_dir(results, "ALL_IDB2") / "weights.json")
+    again = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
     assert again["weights"] == pytest.approx(weights["weights"])
-    ens = {b: ev.read_predictions(ev.ensemble_dir(results, "ALL_IDB2", b) / "predictions.csv", True) for b in BACKBONES}
+    ens = {b: ev.read_predictions(ensemble_dir(results, "ALL_IDB2", b) / "predictions.csv", True) for b in BACKBONES}
     val = {b: p.subset("val") for b, p in ens.items()}
     expected = validation_weights({b: v.probs for b, v in val.items()}, val["inceptionv3"].label)
     assert again["weights"] == pytest.approx(expected)
@@ -394,21 +456,21 @@ def test_runs_are_logged_linked_and_finished(results: Path, monkeypatch: pytest.
     datasets = ("ALL_IDB2",)
     for backbone in BACKBONES:
         parent = tracking.start_parent_run(info, f"ensemble-{backbone}", {"allfuse.level": "ensemble"})
-        write_json(ev.parent_run_path(results, "ALL_IDB2", backbone), parent)
+        write_json(parent_run_path(results, "ALL_IDB2", backbone), parent)
     record = run_pipeline(results, datasets, store=store)
 
     c = tracking.client(info["uri"])
     for backbone in BACKBONES:
-        parent_id = read_json(ev.parent_run_path(results, "ALL_IDB2", backbone))["run_id"]
+        parent_id = read_json(parent_run_path(results, "ALL_IDB2", backbone))["run_id"]
         parent = c.get_run(parent_id)
         assert parent.info.status == "FINISHED"
         assert parent.data.metrics["ensemble_test_accuracy"] == pytest.approx(0.8)
         assert parent.data.tags["allfuse.member_run_ids"] == f"run-ALL_IDB2-{backbone}-1,run-ALL_IDB2-{backbone}-2"
-    fusion_record = read_json(ev.fusion_dir(results, "ALL_IDB2") / "run.json")
+    fusion_record = read_json(fusion_dir(results, "ALL_IDB2") / "run.json")
     fusion = c.get_run(fusion_record["run_id"])
     assert fusion.info.status == "FINISHED"
     assert fusion.data.tags["allfuse.ensemble_run.mobilenetv2"] == read_json(
-        ev.parent_run_path(results, "ALL_IDB2", "mobilenetv2")
+        parent_run_path(results, "ALL_IDB2", "mobilenetv2")
     )["run_id"]
     assert fusion.data.tags["allfuse.member_runs.inceptionv3"] == "run-ALL_IDB2-inceptionv3-1,run-ALL_IDB2-inceptionv3-2"
     assert "sum_test_accuracy" in fusion.data.metrics and "weighted_sum_test_nll" in fusion.data.metrics

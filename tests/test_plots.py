@@ -10,7 +10,7 @@ import pytest
 from allfuse import evaluation as ev
 from allfuse.errors import ConfigError
 from allfuse.plots import PLOT_KINDS, _roc_points, plot_dataset, plot_roc
-from test_evaluation import BACKBONES, make_results, run_ensembles_and_fusion
+from test_evaluation import BACKBONES, ensemble_dir, fusion_dir, make_results, run_ensembles_and_fusion, split_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -27,9 +27,18 @@ def outputs(folder: Path) -> dict[str, Path]:
     return {kind: folder / f"{kind}.png" for kind in PLOT_KINDS}
 
 
+def plot(results: Path, out: dict[str, Path]) -> list[str]:
+    return plot_dataset(
+        [ensemble_dir(results, "ALL_IDB2", b) / "predictions.csv" for b in BACKBONES],
+        fusion_dir(results, "ALL_IDB2") / "predictions.csv",
+        split_path(results, "ALL_IDB2"),
+        dataset="ALL_IDB2", backbones=BACKBONES, outputs=out, ece_bins=10,
+    )  # fmt: skip
+
+
 def test_every_plot_is_written_non_empty_and_deterministic(results: Path, tmp_path: Path) -> None:
     first = outputs(tmp_path / "a")
-    written = plot_dataset(results, "ALL_IDB2", BACKBONES, outputs=first, ece_bins=10)
+    written = plot(results, first)
     assert written == [str(first[k]) for k in PLOT_KINDS]
     for path in first.values():
         data = path.read_bytes()
@@ -38,7 +47,7 @@ def test_every_plot_is_written_non_empty_and_deterministic(results: Path, tmp_pa
     # No temporary file left beside the figures.
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(f"{k}.png" for k in PLOT_KINDS)
     second = outputs(tmp_path / "b")
-    plot_dataset(results, "ALL_IDB2", BACKBONES, outputs=second, ece_bins=10)
+    plot(results, second)
     for kind in PLOT_KINDS:
         assert first[kind].read_bytes() == second[kind].read_bytes(), kind
 
@@ -47,7 +56,7 @@ def test_plot_outputs_must_name_every_kind(results: Path, tmp_path: Path) -> Non
     partial = outputs(tmp_path)
     del partial["roc"]
     with pytest.raises(ConfigError, match="missing \\['roc'\\]"):
-        plot_dataset(results, "ALL_IDB2", BACKBONES, outputs=partial, ece_bins=10)
+        plot(results, partial)
 
 
 def test_roc_points_match_scikit_learn() -> None:
