@@ -452,9 +452,7 @@ def fuse_ensembles(
         "split": "val",
         "n_val": int(val.sum()),
         "weights": weights,
-        "val_accuracy": {
-            b: float(np.mean(predict_labels(val_probs[b]) == ref.label[val])) for b in names
-        },
+        "val_accuracy": {b: float(np.mean(predict_labels(val_probs[b]) == ref.label[val])) for b in names},
         "formula": (
             "w_k proportional to max(val_accuracy_k - 0.5, 0.001), normalised to sum 1"
             if weight_metric == "accuracy"
@@ -767,9 +765,7 @@ def paper_comparison_markdown(
             + "> For these datasets the table below is a **pipeline check, not a reproduction**.\n"
         )
     else:
-        out.append(
-            "Data: the ALL-IDB archives configured in `data.archives` (not the synthetic demo).\n"
-        )
+        out.append("Data: the ALL-IDB archives configured in `data.archives` (not the synthetic demo).\n")
     out.append(
         "Akter et al. (arXiv 2410.14536) report the accuracy of the sum-rule fusion of InceptionV3-GRU, "
         "EfficientNetB3-GRU and MobileNetV2-GRU. Ours is the same rule over our three deep ensembles, "
@@ -799,9 +795,7 @@ def paper_comparison_markdown(
             ]
         )
         if n != paper.n_test:
-            notes.append(
-                f"- {d}: our test split has {n} images; the paper's figure implies {paper.n_test}."
-            )
+            notes.append(f"- {d}: our test split has {n} images; the paper's figure implies {paper.n_test}.")
     out.append(_md_table(header, cells))
     if notes:
         out.append("Test-set sizes differ from the paper's:\n\n" + "\n".join(notes) + "\n")
@@ -817,7 +811,6 @@ def paper_comparison_markdown(
         "the test set.\n"
     )
     return "\n".join(out)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,9 +829,10 @@ def _grid(paths: Sequence[PathLike], keys: Sequence[tuple], what: str) -> dict[t
     """Pair an ordered path list with its keys (e.g. (dataset, backbone, seed) in nested order)."""
     paths = [Path(p) for p in paths]
     if len(paths) != len(keys):
+        shown = ", ".join("/".join(map(str, k)) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
         raise DataError(
-            f"{what}: got {len(paths)} files for {len(keys)} expected ({', '.join('/'.join(map(str, k)) for k in keys[:6])}"
-            f"{', ...' if len(keys) > 6 else ''}); the rule's inputs and its datasets/backbones/seeds disagree"
+            f"{what}: got {len(paths)} files for {len(keys)} expected ({shown}); "
+            "the rule's inputs and its datasets/backbones/seeds disagree"
         )
     return dict(zip(keys, paths, strict=True))
 
@@ -854,9 +848,7 @@ def _check_identity(record: Mapping[str, Any], path: Path, **expected: Any) -> N
         raise DataError(f"{path}: run record is for {', '.join(wrong)}; inputs are out of order or mislabelled")
 
 
-def _load_member(
-    predictions: Path, run: Path, dataset: str, backbone: str, seed: int
-) -> tuple[Predictions, str]:
+def _load_member(predictions: Path, run: Path, dataset: str, backbone: str, seed: int) -> tuple[Predictions, str]:
     record = _record(run, "train_member")
     _check_identity(record, run, dataset=dataset, backbone=backbone, seed=seed)
     return read_predictions(predictions), str(record.get("run_id") or "")
@@ -1062,7 +1054,9 @@ def fuse_predictions(
             config_hash=sha256_json(dict(evaluation)),
             inputs={f"ensemble.{b}": ens_paths[(b,)] for b in backbones},
         )
-        tags.update({"allfuse.level": "fusion", "allfuse.dataset": dataset, "allfuse.synthetic": str(synthetic).lower()})
+        tags.update(
+            {"allfuse.level": "fusion", "allfuse.dataset": dataset, "allfuse.synthetic": str(synthetic).lower()}
+        )
         for b in backbones:
             tags[f"allfuse.ensemble_run.{b}"] = ensemble_run_ids[b]
             tags[f"allfuse.member_runs.{b}"] = ",".join(member_run_ids[b])
@@ -1195,7 +1189,9 @@ def evaluate(
         tags["allfuse.level"] = "evaluation"
         tags["allfuse.synthetic"] = str(any(r["synthetic"] for r in rows)).lower()
         with tracking.tracked_run(info["uri"], info["experiment"], "evaluate", tags=tags) as run:
-            run.log_params({"evaluation": cfg, "datasets": list(datasets), "backbones": list(backbones), "seeds": list(seeds)})
+            run.log_params(
+                {"evaluation": cfg, "datasets": list(datasets), "backbones": list(backbones), "seeds": list(seeds)}
+            )
             for dataset, r in headline.items():
                 run.log_metrics(_metric_log({k: r[k] for k in METRIC_COLUMNS}, f"{dataset}_{PAPER_RULE}_"))
             for path in (out_metrics_csv, out_metrics_md, out_paper, out_referral):

@@ -189,7 +189,9 @@ def plot_dataset(
     unknown = sorted(set(outputs) - set(PLOT_KINDS))
     missing = [k for k in PLOT_KINDS if k not in outputs]
     if unknown or missing:
-        raise ConfigError(f"plot outputs must name exactly {', '.join(PLOT_KINDS)}; missing {missing}, unknown {unknown}")
+        raise ConfigError(
+            f"plot outputs must name exactly {', '.join(PLOT_KINDS)}; missing {missing}, unknown {unknown}"
+        )
     if len(ensemble_predictions) != len(backbones):
         raise DataError(
             f"plots of {dataset}: {len(ensemble_predictions)} ensemble files for backbones {list(backbones)}"
@@ -206,7 +208,9 @@ def plot_dataset(
             models, outputs["uncertainty"], f"{dataset}{tag}: uncertainty of correct and wrong predictions"
         ),
         "referral": lambda: plot_referral(models, outputs["referral"], f"{dataset}{tag}: referral to an expert"),
-        "confusion": lambda: plot_confusion(models, outputs["confusion"], f"{dataset}{tag}: confusion matrices, test split"),
+        "confusion": lambda: plot_confusion(
+            models, outputs["confusion"], f"{dataset}{tag}: confusion matrices, test split"
+        ),
     }
     for kind in PLOT_KINDS:
         makers[kind]()

@@ -86,7 +86,12 @@ def make_results(
                 write_csv(directory / "predictions.csv", rows[::-1], ev.PREDICTION_COLUMNS)
                 write_json(
                     directory / "run.json",
-                    {"run_id": f"run-{dataset}-{backbone}-{seed}", "dataset": dataset, "backbone": backbone, "seed": seed},
+                    {
+                        "run_id": f"run-{dataset}-{backbone}-{seed}",
+                        "dataset": dataset,
+                        "backbone": backbone,
+                        "seed": seed,
+                    },
                 )
 
 
@@ -279,7 +284,9 @@ def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
         assert float(by_rule[rule][image]["predictive_entropy"]) == pytest.approx(pooled["predictive_entropy"][0])
     # Every rule's probabilities match allfuse.fusion on the ensemble probabilities.
     ids = sorted(by_rule["sum"])
-    model_probs = {b: np.array([[float(ens[b][i]["p_healthy"]), float(ens[b][i]["p_all"])] for i in ids]) for b in BACKBONES}
+    model_probs = {
+        b: np.array([[float(ens[b][i]["p_healthy"]), float(ens[b][i]["p_all"])] for i in ids]) for b in BACKBONES
+    }
     weights = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
     for rule in RULES:
         expected = fuse(model_probs, rule, weights=weights["weights"] if rule == "weighted_sum" else None)
@@ -367,8 +374,10 @@ def test_metrics_markdown_names_the_data_and_methods(finished: Path) -> None:
 
 def fusion_row(dataset: str, correct: int, n: int, synthetic: int) -> dict:
     low, high = wilson_interval(correct, n, 0.95)
-    return {"dataset": dataset, "level": "fusion", "rule": "sum", "n_test": n, "accuracy": correct / n,
-            "accuracy_ci_low": low, "accuracy_ci_high": high, "tp": correct, "tn": 0, "synthetic": synthetic}  # fmt: skip
+    return {
+        "dataset": dataset, "level": "fusion", "rule": "sum", "n_test": n, "accuracy": correct / n,
+        "accuracy_ci_low": low, "accuracy_ci_high": high, "tp": correct, "tn": 0, "synthetic": synthetic,
+    }  # fmt: skip
 
 
 def test_paper_comparison_in_and_out_of_interval() -> None:
@@ -376,7 +385,9 @@ def test_paper_comparison_in_and_out_of_interval() -> None:
     text = ev.paper_comparison_markdown(rows, EVAL, {"ALL_IDB1": "paper", "ALL_IDB2": "grouped"})
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     # 21/22: Wilson (0.782, 0.992) excludes 100 %; 40/52: (0.638, 0.862) excludes 98.07 %; 73/74 includes 98.64 %.
-    assert lines["ALL_IDB1"].endswith("| no |") and "| 21/22 |" in lines["ALL_IDB1"] and "| 22/22 |" in lines["ALL_IDB1"]
+    assert (
+        lines["ALL_IDB1"].endswith("| no |") and "| 21/22 |" in lines["ALL_IDB1"] and "| 22/22 |" in lines["ALL_IDB1"]
+    )
     assert lines["ALL_IDB2"].endswith("| no |") and "| grouped |" in lines["ALL_IDB2"]
     assert lines["combined"].endswith("| yes |") and "| 98.64 % |" in lines["combined"]
     assert "| 85.1-100.0 % |" in lines["ALL_IDB1"]  # the paper's own Wilson interval, 22/22
@@ -404,7 +415,8 @@ def test_referral_table_curves_and_validation_threshold(finished: Path) -> None:
     assert list(rows[0]) == list(ev.REFERRAL_COLUMNS)
     models = {(r["dataset"], r["model"], r["rule"]) for r in rows}
     assert models == {(d, m, "") for d in ("ALL_IDB1", "ALL_IDB2") for m in BACKBONES} | {
-        ("ALL_IDB1", "fusion", "sum"), ("ALL_IDB2", "fusion", "sum")
+        ("ALL_IDB1", "fusion", "sum"),
+        ("ALL_IDB2", "fusion", "sum"),
     }
     n_points = 11
     assert len(rows) == len(models) * 2 * (n_points + 1)
@@ -450,7 +462,9 @@ def test_runs_are_logged_linked_and_finished(results: Path, monkeypatch: pytest.
     from allfuse import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    info = tracking.init_tracking({"uri": "sqlite:///" + str(results / "mlflow.db"), "experiment": "unit"}, root=results)
+    info = tracking.init_tracking(
+        {"uri": "sqlite:///" + str(results / "mlflow.db"), "experiment": "unit"}, root=results
+    )
     store = results / "store.json"
     write_json(store, info)
     datasets = ("ALL_IDB2",)
@@ -469,19 +483,28 @@ def test_runs_are_logged_linked_and_finished(results: Path, monkeypatch: pytest.
     fusion_record = read_json(fusion_dir(results, "ALL_IDB2") / "run.json")
     fusion = c.get_run(fusion_record["run_id"])
     assert fusion.info.status == "FINISHED"
-    assert fusion.data.tags["allfuse.ensemble_run.mobilenetv2"] == read_json(
-        parent_run_path(results, "ALL_IDB2", "mobilenetv2")
-    )["run_id"]
-    assert fusion.data.tags["allfuse.member_runs.inceptionv3"] == "run-ALL_IDB2-inceptionv3-1,run-ALL_IDB2-inceptionv3-2"
+    assert (
+        fusion.data.tags["allfuse.ensemble_run.mobilenetv2"]
+        == read_json(parent_run_path(results, "ALL_IDB2", "mobilenetv2"))["run_id"]
+    )
+    assert (
+        fusion.data.tags["allfuse.member_runs.inceptionv3"] == "run-ALL_IDB2-inceptionv3-1,run-ALL_IDB2-inceptionv3-2"
+    )
     assert "sum_test_accuracy" in fusion.data.metrics and "weighted_sum_test_nll" in fusion.data.metrics
-    assert {a.path for a in c.list_artifacts(fusion.info.run_id, "fusion")} == {"fusion/predictions.csv", "fusion/weights.json"}
+    assert {a.path for a in c.list_artifacts(fusion.info.run_id, "fusion")} == {
+        "fusion/predictions.csv",
+        "fusion/weights.json",
+    }
 
     evaluate_run = c.get_run(record["run_id"])
     assert evaluate_run.info.status == "FINISHED"
     assert evaluate_run.data.tags["allfuse.fusion_run.ALL_IDB2"] == fusion_record["run_id"]
     assert evaluate_run.data.metrics["ALL_IDB2_sum_accuracy"] == pytest.approx(0.8)
     assert {a.path for a in c.list_artifacts(record["run_id"], "tables")} == {
-        "tables/metrics.csv", "tables/metrics.md", "tables/paper_comparison.md", "tables/referral.csv"
+        "tables/metrics.csv",
+        "tables/metrics.md",
+        "tables/paper_comparison.md",
+        "tables/referral.csv",
     }
     rows = read_csv(results / "tables" / "metrics.csv")
     assert {r["mlflow_run_id"] for r in rows if r["level"] == "fusion"} == {fusion_record["run_id"]}
