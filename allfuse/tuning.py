@@ -61,7 +61,16 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 # Hyperparameters a study may tune (the keys allfuse.members accepts from best_params.json).
-TUNABLE = ("learning_rate", "gru_units", "bidirectional", "dense_units", "dropout", "batch_size", "optimizer", "unfreeze_layers")
+TUNABLE = (
+    "learning_rate",
+    "gru_units",
+    "bidirectional",
+    "dense_units",
+    "dropout",
+    "batch_size",
+    "optimizer",
+    "unfreeze_layers",
+)
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 OBJECTIVES: dict[str, Literal["minimize", "maximize"]] = {
     "val_loss": "minimize",
@@ -190,7 +199,8 @@ def _parse_one(key: str, spec: Any, where: str) -> tuple[ParamSpec | None, list[
     if "low" not in spec or "high" not in spec:
         return None, [f"'{at}' needs both low and high (or choices)"]
     if key in ("bidirectional", "optimizer"):
-        return None, [f"'{at}' takes choices, not a range: e.g. {{choices: {list((False, True) if key == 'bidirectional' else OPTIMIZERS)}}}"]
+        example = [False, True] if key == "bidirectional" else list(OPTIMIZERS)
+        return None, [f"'{at}' takes choices, not a range: e.g. {{choices: {example}}}"]
     low, high = spec["low"], spec["high"]
     log_scale = spec.get("log", False)
     step = spec.get("step")
@@ -220,7 +230,10 @@ def _parse_one(key: str, spec: Any, where: str) -> tuple[ParamSpec | None, list[
         return None, problems
     if kind == "int":
         return ParamSpec(key, "int", int(low), int(high), bool(log_scale), int(step) if step is not None else None), []
-    return ParamSpec(key, "float", float(low), float(high), bool(log_scale), float(step) if step is not None else None), []
+    return (
+        ParamSpec(key, "float", float(low), float(high), bool(log_scale), float(step) if step is not None else None),
+        [],
+    )
 
 
 def parse_search_space(space: Mapping[str, Any], mode: str, where: str = "tune.search_space") -> list[ParamSpec]:
@@ -267,13 +280,11 @@ def suggest(trial: optuna.trial.BaseTrial, specs: Sequence[ParamSpec]) -> dict[s
         if spec.kind == "categorical":
             params[spec.name] = trial.suggest_categorical(spec.name, list(spec.choices))
         elif spec.kind == "int":
-            params[spec.name] = int(
-                trial.suggest_int(spec.name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)  # type: ignore[arg-type]
-            )
+            low, high, step = int(spec.low), int(spec.high), int(spec.step or 1)  # type: ignore[arg-type]
+            params[spec.name] = int(trial.suggest_int(spec.name, low, high, step=step, log=spec.log))
         else:
-            params[spec.name] = float(
-                trial.suggest_float(spec.name, float(spec.low), float(spec.high), step=spec.step, log=spec.log)  # type: ignore[arg-type]
-            )
+            low_f, high_f = float(spec.low), float(spec.high)  # type: ignore[arg-type]
+            params[spec.name] = float(trial.suggest_float(spec.name, low_f, high_f, step=spec.step, log=spec.log))
     return params
 
 
@@ -434,8 +445,7 @@ def fail_orphaned_trials(study: optuna.Study, retry: Callable[[Any, Any], None] 
 
     Under the lock a RUNNING trial cannot belong to a live process: it was left by one that died
     (its owner's pid is logged, and whether it is still alive, e.g. when a pid was reused). Each
-    failed trial is passed to ``retry`` (``retry_callback``) so it is rerun
-    with the same parameters.
+    failed trial is passed to ``retry`` (``retry_callback``) so it is rerun with the same parameters.
     """
     import optuna
 
@@ -444,8 +454,12 @@ def fail_orphaned_trials(study: optuna.Study, retry: Callable[[Any, Any], None] 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         who = trial.user_attrs.get(OWNER_ATTR) or {}
         pid = int(who.get("pid", 0) or 0)
-        same_host = who.get("host") == socket.gethostname()
-        state = "alive (pid reused?)" if same_host and pid != os.getpid() and _pid_alive(pid) else "gone"
+        if who.get("host") != socket.gethostname():
+            state = "another host"
+        elif pid != os.getpid() and _pid_alive(pid):
+            state = "that pid is alive again: reused"
+        else:
+            state = "its process is gone"
         try:
             changed = storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -663,12 +677,24 @@ def keras_trainer(
     keras.backend.clear_session()
     if data["mode"] == "head":
         return train_head(
-            data["train"], data["val"], settings, seed, epochs=epochs, on_epoch_end=on_epoch_end,
+            data["train"],
+            data["val"],
+            settings,
+            seed,
+            epochs=epochs,
+            on_epoch_end=on_epoch_end,
             deterministic=deterministic,
         )
     return train_finetune(
-        data["images"], data["labels"], data["train_idx"], data["val_idx"], settings, seed,
-        epochs=epochs, on_epoch_end=on_epoch_end, deterministic=deterministic,
+        data["images"],
+        data["labels"],
+        data["train_idx"],
+        data["val_idx"],
+        settings,
+        seed,
+        epochs=epochs,
+        on_epoch_end=on_epoch_end,
+        deterministic=deterministic,
     )
 
 
@@ -809,7 +835,11 @@ class _Objective:
         state, status = "FAIL", "FAILED"
         try:
             result = self.trainer(
-                self.data, settings, seed, epochs=int(self.job.tune["epochs"]), on_epoch_end=on_epoch_end,
+                self.data,
+                settings,
+                seed,
+                epochs=int(self.job.tune["epochs"]),
+                on_epoch_end=on_epoch_end,
                 deterministic=self.job.deterministic,
             )
             value = final_value(result.history, result.best_epoch, self.objective)
@@ -818,7 +848,9 @@ class _Objective:
                 raise optuna.TrialPruned(f"{self.objective} is {value} at the best epoch")
             run.log_metrics({"objective_value": value, "best_epoch": float(result.best_epoch)})
             state, status = "COMPLETE", "FINISHED"
-            log.info("trial %d: %s = %.4g at epoch %d %s", trial.number, self.objective, value, result.best_epoch, params)
+            log.info(
+                "trial %d: %s = %.4g at epoch %d %s", trial.number, self.objective, value, result.best_epoch, params
+            )
             return value
         except optuna.TrialPruned as exc:
             state, status = "PRUNED", "FINISHED"
@@ -898,7 +930,10 @@ class _Tracking:
             "allfuse.pid": os.getpid(),
         }
         run = tracking.create_run(
-            self.uri, self.experiment, f"trial-{self.study.study_name}-{number}", tags=tags,
+            self.uri,
+            self.experiment,
+            f"trial-{self.study.study_name}-{number}",
+            tags=tags,
             parent_run_id=self.parent.run_id,
         )
         run.log_params({**params, "trial": number})
@@ -940,7 +975,9 @@ class _Tracking:
         try:
             parent.log_params({f"best.{k}": v for k, v in record["params"].items()})
         except MlflowException as exc:  # params are immutable: the best changed after a top-up
-            log.warning("best parameters changed since they were logged to run %s; see its tags (%s)", parent.run_id, exc)
+            log.warning(
+                "best parameters changed since they were logged to run %s; see its tags (%s)", parent.run_id, exc
+            )
         parent.log_metrics(
             {
                 "best_value": float(record["value"]),
@@ -1055,7 +1092,12 @@ def _run_study(
     remaining = n_trials - done
     log.info(
         "study %s: %d of %d trials finished (%d resumed from %s), %d to run",
-        name, done, n_trials, existing, job.db_path, max(remaining, 0),
+        name,
+        done,
+        n_trials,
+        existing,
+        job.db_path,
+        max(remaining, 0),
     )
     objective = _Objective(job, specs, data, trainer, tracking)
     status = "FAILED"
@@ -1080,7 +1122,14 @@ def _run_study(
         record = best_record(study, job.tune["objective"], settings_hash, job.db_path)
         write_json(job.out_best, record)
         tracking.finish(record, job.out_best, job.out_trials)
-        log.info("study %s: best trial %d, %s = %.4g, %s", name, record["trial"], record["objective"], record["value"], record["params"])
+        log.info(
+            "study %s: best trial %d, %s = %.4g, %s",
+            name,
+            record["trial"],
+            record["objective"],
+            record["value"],
+            record["params"],
+        )
         status = "FINISHED"
         return record
     except KeyboardInterrupt:

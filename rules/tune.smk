@@ -1,6 +1,8 @@
 # Bayesian optimisation: one Optuna study per (dataset, backbone) on validation data only. The
 # study lives in study.db next to the outputs; it is mutated in place (resumable), so it is not a
-# declared output.
+# declared output. A rerun after a crash or kill tops the study up to tune.n_trials; a change of
+# its search space, settings or data moves the old file aside (study.<hash>.db.bak) and starts
+# afresh. Watch it live: optuna-dashboard sqlite:///results/tune/<dataset>/<backbone>/study.db
 
 
 rule tune_backbone:

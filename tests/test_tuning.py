@@ -77,7 +77,12 @@ def write_features(folder: Path, n_train: int = 40, n_val: int = 20, shape=(2, 2
     for subset, n in (("train", n_train), ("val", n_val)):
         y = np.arange(n) % 2
         x = rng.normal(size=(n, *shape)) + 1.5 * y[:, None, None, None]
-        arrays = {"x": x.astype(np.float16), "y": y, "ids": np.array([f"ALL_IDB2/{subset}{i:03d}" for i in range(n)]), "view": np.zeros(n, int)}
+        arrays = {
+            "x": x.astype(np.float16),
+            "y": y,
+            "ids": np.array([f"ALL_IDB2/{subset}{i:03d}" for i in range(n)]),
+            "view": np.zeros(n, int),
+        }
         save_features(folder / f"{subset}.npz", arrays)
         paths[subset] = str(folder / f"{subset}.npz")
     # Unreadable: tuning must never open it.
@@ -87,7 +92,15 @@ def write_features(folder: Path, n_train: int = 40, n_val: int = 20, shape=(2, 2
 
 
 def write_split(path: Path, train: list[str], val: list[str], test: list[str]) -> str:
-    write_json(path, {"dataset": "ALL_IDB2", "protocol": "paper", "seed": 0, "folds": [{"fold": 0, "repeat": 0, "train": train, "val": val, "test": test}]})
+    write_json(
+        path,
+        {
+            "dataset": "ALL_IDB2",
+            "protocol": "paper",
+            "seed": 0,
+            "folds": [{"fold": 0, "repeat": 0, "train": train, "val": val, "test": test}],
+        },
+    )
     return str(path)
 
 
@@ -95,9 +108,11 @@ def make_job(tmp: Path, **changes) -> tuning.TuneJob:
     """A head-mode job on tiny features in ``tmp``; ``changes`` override any TuneJob field."""
     if "data" not in changes:
         features = tmp / "features"
-        changes["data"] = write_features(features) if not features.exists() else {
-            k: str(features / f"{k}.npz") for k in ("train", "val", "test")
-        }
+        changes["data"] = (
+            write_features(features)
+            if not features.exists()
+            else {k: str(features / f"{k}.npz") for k in ("train", "val", "test")}
+        )
     if "split" not in changes:
         # Head mode does not read the split; its test entry names an image that does not exist.
         changes["split"] = write_split(tmp / "split.json", [], [], ["ALL_IDB2/does_not_exist"])
@@ -138,7 +153,12 @@ class FakeTrainer:
             if len(self.calls) == self.hang_on_call:
                 Path(self.marker).touch()
                 time.sleep(600)
-            logs = {"loss": 0.5, "val_loss": loss_of(settings["learning_rate"]) / epoch, "val_accuracy": 0.5, "val_auc": 0.5}
+            logs = {
+                "loss": 0.5,
+                "val_loss": loss_of(settings["learning_rate"]) / epoch,
+                "val_accuracy": 0.5,
+                "val_auc": 0.5,
+            }
             history.append({"epoch": epoch, **logs})
             on_epoch_end(epoch, dict(logs))
         return SimpleNamespace(history=history, best_epoch=epochs, model=None)
@@ -166,7 +186,9 @@ def store_file(mlflow_store, tmp: Path, experiment: str) -> str:
     from allfuse.tracking import init_store
 
     ids = init_store(mlflow_store["uri"], [experiment], mlflow_store["root"])
-    write_json(tmp / "store.json", {"uri": mlflow_store["uri"], "experiment": experiment, "experiment_id": ids[experiment]})
+    write_json(
+        tmp / "store.json", {"uri": mlflow_store["uri"], "experiment": experiment, "experiment_id": ids[experiment]}
+    )
     return str(tmp / "store.json")
 
 
@@ -287,7 +309,9 @@ def test_settings_hash_ignores_budget_and_tuned_keys_only():
 def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path):
     # Trial 0 (enqueued, near the optimum) completes; trial 1 (enqueued, far off) reports a worse
     # loss than trial 0 at every epoch and must be pruned at its first epoch.
-    job = make_job(tmp_path, enqueue=[{"learning_rate": 10**-2.5, "gru_units": 8}, {"learning_rate": 1e-5, "gru_units": 4}])
+    job = make_job(
+        tmp_path, enqueue=[{"learning_rate": 10**-2.5, "gru_units": 8}, {"learning_rate": 1e-5, "gru_units": 4}]
+    )
     trainer = FakeTrainer()
     record = tuning.tune(job, trainer=trainer)
 
@@ -332,7 +356,9 @@ def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_pat
     db = tmp_path / "tune" / "study.db"
     old_hash = read_json(tmp_path / "tune" / "best_params.json")["settings_hash"]
     new_space = {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
-    record = tuning.tune(make_job(tmp_path, tune={**TUNE, "n_trials": 2, "search_space": new_space}), trainer=FakeTrainer())
+    record = tuning.tune(
+        make_job(tmp_path, tune={**TUNE, "n_trials": 2, "search_space": new_space}), trainer=FakeTrainer()
+    )
     backup = tmp_path / "tune" / f"study.{old_hash[:12]}.db.bak"
     assert backup.exists()
     assert len(study_trials(backup)) == 2
@@ -354,8 +380,19 @@ def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path):
 
     ids = [f"ALL_IDB2/Im{i:03d}_{i % 2}" for i in range(12)]
     rows = [
-        {"image_id": i, "dataset": "ALL_IDB2", "number": n, "label": n % 2, "width": 8, "height": 8, "sha256_file": "x",
-         "sha256_pixels": "y", "blast_count": "", "archive_path": f"img/{i}.tif", "synthetic": 1}
+        {
+            "image_id": i,
+            "dataset": "ALL_IDB2",
+            "number": n,
+            "label": n % 2,
+            "width": 8,
+            "height": 8,
+            "sha256_file": "x",
+            "sha256_pixels": "y",
+            "blast_count": "",
+            "archive_path": f"img/{i}.tif",
+            "synthetic": 1,
+        }
         for n, i in enumerate(ids)
     ]
     write_csv(tmp_path / "manifest.csv", rows, MANIFEST_COLUMNS)
@@ -462,7 +499,12 @@ def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow
     job = make_job(
         tmp_path,
         store=store,
-        tune={**TUNE, "n_trials": 2, "epochs": 4, "search_space": {"learning_rate": {"low": 1e-5, "high": 0.1, "log": True}}},
+        tune={
+            **TUNE,
+            "n_trials": 2,
+            "epochs": 4,
+            "search_space": {"learning_rate": {"low": 1e-5, "high": 0.1, "log": True}},
+        },
         enqueue=[{"learning_rate": 0.03}, {"learning_rate": 1e-5}],
     )
     record = tuning.tune(job)
