@@ -19,15 +19,15 @@ rule tune_backbone:
         f"{BENCH}/tune/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
-    params:
-        settings=settings_of,
-        tune=tune_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
     threads: 2
     resources:
         gpu=1,
         mem_mb=4000,
         runtime=240,
+    params:
+        settings=settings_of,
+        tune=tune_of,
+        fold=config["split"]["fold"],
+        deterministic=config["ensemble"]["deterministic"],
     script:
         f"{SCRIPTS}/tune_backbone.py"
