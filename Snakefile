@@ -27,12 +27,16 @@ except ConfigError as exc:
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/tracking.smk"
 include: "rules/tune.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -102,7 +102,7 @@ def _predict(model: Any, data: Mapping[str, Any], settings: Mapping[str, Any]) -
             ids, labels = np.asarray(part["ids"])[keep], np.asarray(part["y"])[keep]
         else:
             idx = data["index"][subset]
-            probs = predict_probs(model, data["images"][idx], settings=settings)
+            probs = predict_probs(model, data["images"][idx])
             ids = np.asarray(data["ids"])[idx]
             labels = data["labels"][idx]
         for image_id, label, p in zip(ids, labels, probs, strict=True):

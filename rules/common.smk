@@ -76,7 +76,8 @@ def member_targets():
 
 
 def all_targets():
-    return data_targets() + member_targets()
+    # The metrics table takes every plot, ensemble and fusion as input: it pulls the whole DAG.
+    return data_targets() + member_targets() + [f"{RESULTS}/tables/metrics.csv"]
 
 
 # ---------------------------------------------------------------------------------------------
