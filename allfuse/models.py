@@ -229,9 +229,10 @@ def build_backbone(
 ) -> keras.Model:
     """Frozen-ready backbone: image (S, S, 3) float 0-255 RGB -> feature map (H, W, C).
 
-    Includes the backbone's own preprocess_input. ``seed`` (when given) reseeds Keras before the
-    layers are created, so random initial weights (``weights=None``) are reproducible: head mode
-    relies on it to rebuild the backbone its features came from.
+    Includes the backbone's own preprocess_input. With ``weights=None`` the output is rescaled by
+    a fixed power-of-two gain (layer "feature_gain", see ``_random_backbone_gain``). ``seed``
+    (when given) reseeds Keras before the layers are created, so random initial weights are
+    reproducible: head mode relies on it to rebuild the backbone its features came from.
     """
     import keras
 
@@ -245,7 +246,31 @@ def build_backbone(
     if scale_offset is not None:
         x = keras.layers.Rescaling(scale=scale_offset[0], offset=scale_offset[1], name="preprocess")(x)
     features = net(x)
+    if weights is None:
+        gain = _random_backbone_gain(keras.Model(inputs, features), int(input_size))
+        features = keras.layers.Rescaling(scale=gain, name="feature_gain")(features)
     return keras.Model(inputs, features, name="backbone")
+
+
+def _random_backbone_gain(model: keras.Model, input_size: int) -> float:
+    """Power-of-two gain that brings a randomly initialised backbone's output to unit RMS.
+
+    With random weights, BatchNormalization layers in inference mode (moving variance 1) do not
+    renormalise, so activations shrink layer after layer: on 0-255 inputs the last feature map
+    has an RMS near 1e-12 (MobileNetV2), 1e-5 (EfficientNetB3) or 1e-4 (InceptionV3). Cached as
+    float16 (smallest normal 6e-5) such features would round to zero. The gain is measured on a
+    fixed noise probe, not on data, so the same seed always rebuilds the same backbone; a power of
+    two rescales exactly. Pretrained backbones are left alone.
+    """
+    import keras
+
+    probe = np.random.default_rng(0).uniform(0.0, 255.0, size=(4, input_size, input_size, 3)).astype("float32")
+    out = np.asarray(keras.ops.convert_to_numpy(model(probe, training=False)), dtype=np.float64)
+    rms = float(np.sqrt(np.mean(np.square(out))))
+    if not np.isfinite(rms) or rms == 0.0:
+        log.warning("random backbone gives all-zero features on a noise probe; no rescaling applied")
+        return 1.0
+    return float(2.0 ** round(-np.log2(rms)))
 
 
 def backbone_network(model: keras.Model) -> keras.Model:
@@ -264,7 +289,8 @@ def channel_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarr
     """Per-channel mean and variance (float64, (C,)) of feature maps x (N, H, W, C), in chunks.
 
     Variances are floored at (1e-3 x the median channel's standard deviation)^2 so that dead or
-    constant channels of a randomly initialised backbone stay near zero after standardisation.
+    constant channels of a randomly initialised backbone stay near zero after standardisation
+    (a relative floor: raw feature scales differ by orders of magnitude between backbones).
     """
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"channel_stats needs a non-empty array of feature maps, got shape {x.shape}")
@@ -279,9 +305,11 @@ def channel_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarr
         count += block.shape[0]
     mean = total / count
     var = np.maximum(total_sq / count - np.square(mean), 0.0)
-    floor = _STD_FLOOR_FRACTION * float(np.median(np.sqrt(var)))
-    var = np.maximum(var, max(floor, 1e-6) ** 2)
-    return mean, var
+    # Relative floor only: feature scales differ by many orders of magnitude between backbones.
+    typical = float(np.median(np.sqrt(var)))
+    if typical == 0.0:
+        typical = float(np.sqrt(np.max(var))) or 1.0
+    return mean, np.maximum(var, (_STD_FLOOR_FRACTION * typical) ** 2)
 
 
 def set_feature_stats(head: keras.Model, mean: np.ndarray, variance: np.ndarray) -> None:

@@ -1,0 +1,168 @@
+"""Image views, resizing and the head-mode feature cache.
+
+Head mode runs the frozen backbone once per (dataset, backbone, input size): every image's
+feature map is computed here and cached, with ``augment_views`` dihedral views of each TRAINING
+image (cells in a smear have no orientation, so flips and 90-degree rotations are label
+preserving). Validation and test images get the original view only, so no augmented twin of a
+training image can reach an evaluation subset.
+
+Cache file (one per subset, see docs/ARCHITECTURE.md): ``x`` float16 (M, H, W, C), ``y`` int
+(M,), ``ids`` str (M,), ``view`` int (M,).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allfuse import io
+from allfuse.errors import ConfigError, DataError
+from allfuse.models import build_backbone, check_input_size
+
+log = logging.getLogger(__name__)
+
+N_VIEWS = 8
+FEATURE_ARRAYS = ("x", "y", "ids", "view")
+SUBSETS = ("train", "val", "test")
+
+
+def dihedral(images: np.ndarray, view: int) -> np.ndarray:
+    """One of the 8 symmetries of the square applied to images (N, H, W, C); same dtype.
+
+    view 0 = identity; 1, 2, 3 = rotation by 90, 180, 270 degrees (counter-clockwise);
+    4 = left-right mirror; 5, 6, 7 = mirror then rotation by 90, 180, 270 degrees.
+    Views 1..7 are the 7 non-identity elements, in this fixed order. For non-square images,
+    odd rotations swap H and W.
+    """
+    if not 0 <= int(view) < N_VIEWS:
+        raise ValueError(f"view must be in 0..7, got {view}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    out = images[:, :, ::-1] if view >= 4 else images
+    out = np.rot90(out, k=int(view) % 4, axes=(1, 2))
+    return np.ascontiguousarray(out)
+
+
+def resize_batch(images_uint8: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 RGB images (N, H, W, 3) to float32 (N, size, size, 3) in 0-255.
+
+    Bilinear with antialiasing (Pillow), so downscaling averages rather than skips pixels; the
+    same function serves feature extraction, fine-tuning batches and prediction. Images already
+    at ``size`` are only cast.
+    """
+    from PIL import Image
+
+    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), got shape {images_uint8.shape}")
+    if images_uint8.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 0-255, got {images_uint8.dtype}")
+    n, height, width, _ = images_uint8.shape
+    if (height, width) == (size, size):
+        return images_uint8.astype(np.float32)
+    out = np.empty((n, size, size, 3), dtype=np.float32)
+    for i in range(n):
+        img = Image.fromarray(images_uint8[i])
+        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return out
+
+
+def _views_for(subset: str, augment_views: int) -> list[int]:
+    return list(range(1 + augment_views)) if subset == "train" else [0]
+
+
+def extract_features(
+    images: np.ndarray,
+    ids: Sequence[str],
+    labels: np.ndarray,
+    subsets: Mapping[str, Sequence[int]],
+    settings: Mapping[str, Any],
+    batch_size: int = 32,
+    *,
+    seed: int = 0,
+    chunk: int = 256,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Backbone feature maps of the cached images, per subset.
+
+    images: uint8 (N, S, S, 3), the ingested cache; ids (N,) and labels (N,) match its rows.
+    subsets: "train"/"val"/"test" -> row indices into ``images``.
+    settings: backbone, input_size, weights, augment_views (0-7).
+    seed: reseeds Keras before the backbone is built, so a random backbone (weights null) and its
+    features are reproducible.
+    Returns per subset {x: float16 (M, H, W, C), y: int64 (M,), ids: str (M,), view: int64 (M,)},
+    rows ordered view by view (all images' view 0, then view 1, ...), images in the order given.
+    """
+    labels = np.asarray(labels)
+    n = images.shape[0]
+    if len(ids) != n or labels.shape[0] != n:
+        raise DataError(f"images ({n}), ids ({len(ids)}) and labels ({labels.shape[0]}) must have one row per image")
+    views = int(settings.get("augment_views", 0))
+    if not 0 <= views < N_VIEWS:
+        raise ConfigError(f"augment_views must be in 0..7, got {views}")
+    unknown = sorted(set(subsets) - set(SUBSETS))
+    if unknown:
+        raise ValueError(f"unknown subsets {unknown}: use {', '.join(SUBSETS)}")
+    backbone_name = settings["backbone"]
+    size = int(settings["input_size"])
+    check_input_size(backbone_name, size)
+    backbone = build_backbone(backbone_name, size, settings.get("weights"), seed=seed)
+    id_array = np.asarray(list(ids), dtype=str)
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for subset, rows in subsets.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise DataError(f"subset '{subset}' has row indices outside 0..{n - 1}")
+        subset_views = _views_for(subset, views)
+        xs, ys, ids_out, view_out = [], [], [], []
+        for view in subset_views:
+            for start in range(0, rows.size, chunk):
+                block = rows[start : start + chunk]
+                pixels = resize_batch(dihedral(images[block], view), size)
+                maps = backbone.predict(pixels, batch_size=batch_size, verbose=0)
+                xs.append(np.asarray(maps).astype(np.float16))
+            ys.append(labels[rows].astype(np.int64))
+            ids_out.append(id_array[rows])
+            view_out.append(np.full(rows.size, view, dtype=np.int64))
+        shape = tuple(int(v) for v in backbone.output.shape[1:])
+        out[subset] = {
+            "x": np.concatenate(xs) if xs else np.zeros((0, *shape), dtype=np.float16),
+            "y": np.concatenate(ys),
+            "ids": np.concatenate(ids_out),
+            "view": np.concatenate(view_out),
+        }
+        log.info("%s: %d feature maps %s (%d view(s))", subset, out[subset]["x"].shape[0], shape, len(subset_views))
+    return out
+
+
+def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write one subset's feature arrays (x, y, ids, view) to an .npz file, atomically."""
+    missing = [k for k in FEATURE_ARRAYS if k not in arrays]
+    if missing:
+        raise ValueError(f"feature arrays lack {missing}")
+    io.save_npz(
+        path,
+        x=np.asarray(arrays["x"], dtype=np.float16),
+        y=np.asarray(arrays["y"], dtype=np.int64),
+        ids=np.asarray(arrays["ids"], dtype=str),
+        view=np.asarray(arrays["view"], dtype=np.int64),
+    )
+
+
+def load_features(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a subset's feature arrays written by ``save_features``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"feature file not found: {path} (run the extract_features rule first)")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in FEATURE_ARRAYS if k not in data.files]
+        if missing:
+            raise DataError(f"feature file {path} lacks arrays {missing}; delete it and re-extract features")
+        arrays = {k: data[k] for k in FEATURE_ARRAYS}
+    m = arrays["x"].shape[0]
+    if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS):
+        raise DataError(f"feature file {path} has arrays of different lengths; delete it and re-extract features")
+    return arrays
