@@ -91,7 +91,7 @@ def extract_features(
     subsets: "train"/"val"/"test" -> row indices into ``images``.
     settings: backbone, input_size, weights, augment_views (0-7).
     seed: reseeds Keras before the backbone is built, so a random backbone (weights null) and its
-    features are reproducible.
+    features are reproducible; keep the default (0) unless every consumer rebuilds with the same.
     Returns per subset {x: float16 (M, H, W, C), y: int64 (M,), ids: str (M,), view: int64 (M,)},
     rows ordered view by view (all images' view 0, then view 1, ...), images in the order given.
     """
@@ -166,3 +166,80 @@ def load_features(path: str | Path) -> dict[str, np.ndarray]:
     if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS):
         raise DataError(f"feature file {path} has arrays of different lengths; delete it and re-extract features")
     return arrays
+
+
+def _configure_threads(threads: int | None) -> None:
+    """Keep TensorFlow within the cores Snakemake granted the job (TensorFlow backend only)."""
+    import keras
+
+    if not threads or keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
+    except RuntimeError:  # TensorFlow already started its thread pools
+        log.warning("TensorFlow was already running; cannot limit it to %s threads", threads)
+
+
+def extract_dataset_features(
+    manifest: str | Path,
+    images: str | Path,
+    split: str | Path,
+    fold: int,
+    settings: Mapping[str, Any],
+    outputs: Mapping[str, str | Path],
+    *,
+    deterministic: bool = True,
+    threads: int | None = None,
+    lock_dir: str | Path = "results/.gpu_locks",
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, int]:
+    """The extract_features rule: feature maps of one dataset's fold, one .npz per subset.
+
+    manifest, images: the dataset's manifest.csv and uint8 image cache; split: its split JSON;
+    fold: which fold (config split.fold); settings: allfuse.config.feature_settings (backbone,
+    weights, input_size, augment_views); outputs: subset ("train", "val", "test") -> .npz path.
+    A GPU slot is taken (``allfuse.gpu``) before Keras is imported. Returns rows per subset.
+    """
+    from allfuse import gpu
+    from allfuse.data import load_images, read_manifest
+    from allfuse.io import read_json
+    from allfuse.splits import fold_ids
+
+    slot = gpu.acquire_gpu(lock_dir)
+    try:
+        log.info("device: %s", slot.device)
+        gpu.enable_memory_growth()
+        _configure_threads(threads)
+        from allfuse.training import set_seed
+
+        set_seed(seed, deterministic)
+        rows = read_manifest(manifest)
+        cache = load_images(images, mmap=True)
+        if cache.shape[0] != len(rows):
+            raise DataError(f"{images} holds {cache.shape[0]} images but {manifest} lists {len(rows)}; rerun ingestion")
+        index = {row["image_id"]: i for i, row in enumerate(rows)}
+        ids = fold_ids(read_json(split), int(fold))
+        problems = [
+            f"{subset} id {i} is not in {manifest}" for subset in outputs for i in ids[subset] if i not in index
+        ]
+        if problems:
+            raise DataError(f"split {split} names images the manifest lacks", problems=problems)
+        subsets = {subset: [index[i] for i in ids[subset]] for subset in outputs}
+        arrays = extract_features(
+            cache,
+            [row["image_id"] for row in rows],
+            np.array([row["label"] for row in rows], dtype=np.int64),
+            subsets,
+            settings,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        for subset, path in outputs.items():
+            save_features(path, arrays[subset])
+        return {subset: int(arrays[subset]["x"].shape[0]) for subset in outputs}
+    finally:
+        slot.release()

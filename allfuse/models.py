@@ -154,7 +154,9 @@ def check_input_size(backbone: str, input_size: int, *, warn: bool = True) -> No
     _check_backbone(backbone)
     minimum = _MIN_INPUT_SIZE[backbone]
     if not isinstance(input_size, int | np.integer) or isinstance(input_size, bool):
-        raise ConfigError(f"input_size of backbone '{backbone}' must be an integer number of pixels, got {input_size!r}")
+        raise ConfigError(
+            f"input_size of backbone '{backbone}' must be an integer number of pixels, got {input_size!r}"
+        )
     if input_size < minimum:
         raise ConfigError(
             f"input_size {input_size} is too small for backbone '{backbone}': it needs at least {minimum} px "
@@ -224,9 +226,7 @@ def _net_with_weights(backbone: str, input_size: int, weights: str | None) -> ke
         ) from None
 
 
-def build_backbone(
-    backbone: str, input_size: int, weights: str | None, *, seed: int | None = None
-) -> keras.Model:
+def build_backbone(backbone: str, input_size: int, weights: str | None, *, seed: int | None = None) -> keras.Model:
     """Frozen-ready backbone: image (S, S, 3) float 0-255 RGB -> feature map (H, W, C).
 
     Includes the backbone's own preprocess_input. With ``weights=None`` the output is rescaled by

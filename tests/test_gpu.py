@@ -80,16 +80,14 @@ def test_slots_are_exclusive_then_shared_least_loaded(tmp_path, no_preset, monke
         slot.release()
 
 
-CHILD = textwrap.dedent(
-    """
+CHILD = textwrap.dedent("""
     import os, sys
     from allfuse import gpu
 
     slot = gpu.acquire_gpu(sys.argv[1], n_gpus=2, timeout=0)
     print(slot.index, slot.source, os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
     sys.stdin.read()  # hold the slot until the parent closes stdin or kills us
-    """
-)
+    """)
 
 
 def _start(script, lock_dir, env):

@@ -124,25 +124,61 @@ def test_save_and_load_features_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp_path):
-    from allfuse import models
+def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp_path, monkeypatch):
+    from allfuse import io, models
+    from allfuse.data import MANIFEST_COLUMNS
 
+    monkeypatch.setattr("allfuse.gpu.count_gpus", lambda: 0)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(10, 40, 40, 3), dtype=np.uint8)
-    ids = [f"ALL_IDB2/Im{i:03d}_{i % 2}" for i in range(10)]
+    ids = [f"ALL_IDB2/Im{i + 1:03d}_{i % 2}" for i in range(10)]
     labels = np.arange(10) % 2
-    subsets = {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9]}
-    out = features.extract_features(images, ids, labels, subsets, SETTINGS, batch_size=4, seed=5)
+    manifest = [
+        {
+            "image_id": image_id,
+            "dataset": "ALL_IDB2",
+            "number": i + 1,
+            "label": int(labels[i]),
+            "width": 40,
+            "height": 40,
+            "sha256_file": "",
+            "sha256_pixels": io.sha256_array(images[i]),
+            "blast_count": None,
+            "archive_path": f"ALL_IDB2/img/{image_id[9:]}.tif",
+            "synthetic": 1,
+        }
+        for i, image_id in enumerate(ids)
+    ]
+    io.write_csv(tmp_path / "manifest.csv", manifest, MANIFEST_COLUMNS)
+    io.save_npy(tmp_path / "images.npy", images)
+    # The split lists ids sorted, not in manifest order: rows must follow the split.
+    fold = {"fold": 0, "repeat": 0, "train": sorted(ids[:6]), "val": [ids[7], ids[6]], "test": ids[8:]}
+    io.write_json(tmp_path / "split.json", {"dataset": "ALL_IDB2", "protocol": "paper", "folds": [fold]})
+    outputs = {subset: tmp_path / "features" / f"{subset}.npz" for subset in ("train", "val", "test")}
+    counts = features.extract_dataset_features(
+        tmp_path / "manifest.csv",
+        tmp_path / "images.npy",
+        tmp_path / "split.json",
+        0,
+        SETTINGS,
+        outputs,
+        lock_dir=tmp_path / "locks",
+        seed=5,
+        batch_size=4,
+    )
+    assert counts == {"train": 18, "val": 2, "test": 2}
+    out = {subset: features.load_features(path) for subset, path in outputs.items()}
     shape = models.feature_map_shape("mobilenetv2", 33)
     train, test = out["train"], out["test"]
     assert train["x"].shape == (6 * 3, *shape) and train["x"].dtype == np.float16
+    assert np.isfinite(train["x"]).all() and float(np.abs(train["x"]).max()) > 0.01  # no float16 underflow
     np.testing.assert_array_equal(train["view"], np.repeat([0, 1, 2], 6))
-    np.testing.assert_array_equal(train["ids"], np.tile(np.array(ids)[:6], 3))
-    np.testing.assert_array_equal(train["y"], np.tile(labels[:6], 3))
+    np.testing.assert_array_equal(train["ids"], np.tile(sorted(ids[:6]), 3))
+    np.testing.assert_array_equal(train["y"], np.tile([int(i[-1]) for i in sorted(ids[:6])], 3))
     for subset in ("val", "test"):
         assert out[subset]["x"].shape == (2, *shape)
         np.testing.assert_array_equal(out[subset]["view"], [0, 0])
-    np.testing.assert_array_equal(test["ids"], np.array(ids)[8:])
+    np.testing.assert_array_equal(out["val"]["ids"], [ids[7], ids[6]])
 
     # The same random backbone (same seed) under a head gives the head's probabilities on images.
     head = models.build_head(shape, SETTINGS, feature_stats=models.channel_stats(train["x"]))
@@ -150,6 +186,15 @@ def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp
     from_features = training.predict_probs(head, test["x"])
     from_images = training.predict_probs(hybrid, images[8:])
     np.testing.assert_allclose(from_images, from_features, atol=2e-3)
+    assert not np.allclose(from_features[0], from_features[1])  # the two images are told apart
+
+
+def test_extract_features_refuses_bad_rows_and_views():
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match="one row per image"):
+        features.extract_features(images, ["a"], np.zeros(2), {"train": [0]}, SETTINGS)
+    with pytest.raises(ConfigError, match="augment_views"):
+        features.extract_features(images, ["a", "b"], np.zeros(2), {"train": [0]}, {**SETTINGS, "augment_views": 8})
 
 
 # ----------------------------------------------------------------------------------- head mode
@@ -170,7 +215,13 @@ def test_train_head_learns_reports_epochs_and_calls_hooks():
             assert "val_auc" in logs  # added before the caller's callbacks run
 
     result = training.train_head(
-        train, val, SETTINGS, seed=1, epochs=4, callbacks=[Counter()], on_epoch_end=lambda e, logs: seen.append((e, logs))
+        train,
+        val,
+        SETTINGS,
+        seed=1,
+        epochs=4,
+        callbacks=[Counter()],
+        on_epoch_end=lambda e, logs: seen.append((e, logs)),
     )
     assert [e for e, _ in seen] == [1, 2, 3, 4] and Counter.epochs == 4
     assert len(result.history) == 4 and result.seconds > 0
@@ -230,8 +281,7 @@ DETERMINISM_SETTINGS = {
     "class_weights": True,
 }
 
-DETERMINISM_CHILD = textwrap.dedent(
-    """
+DETERMINISM_CHILD = textwrap.dedent("""
     import json
     import sys
     import numpy as np
@@ -239,39 +289,47 @@ DETERMINISM_CHILD = textwrap.dedent(
 
     data = np.load(sys.argv[1])
     settings = json.loads(sys.argv[3])
-    result = training.train_head(
-        {"x": data["xt"], "y": data["yt"]}, {"x": data["xv"], "y": data["yv"]}, settings, int(sys.argv[4]),
-        deterministic=True,
-    )
-    np.save(sys.argv[2], training.predict_probs(result.model, data["xv"]))
-    """
-)
+    for seed in map(int, sys.argv[4:]):
+        result = training.train_head(
+            {"x": data["xt"], "y": data["yt"]}, {"x": data["xv"], "y": data["yv"]}, settings, seed,
+            deterministic=True,
+        )
+        np.save(f"{sys.argv[2]}_{seed}.npy", training.predict_probs(result.model, data["xv"]))
+    """)
 
 
 @pytest.mark.slow
 def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
+    from allfuse import gpu
+
     train, val = separable_features(48, 4), separable_features(16, 5)
     data = tmp_path / "data.npz"
     np.savez(data, xt=train["x"], yt=train["y"], xv=val["x"], yv=val["y"])
     script = tmp_path / "child.py"
     script.write_text(DETERMINISM_CHILD)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    # A fresh process trains seed 7 while this one trains seeds 7 and 8.
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(data), str(tmp_path / "child.npy"), json.dumps(DETERMINISM_SETTINGS), "7"], env=env
-    )
+
+    def start(name, *seeds):
+        args = [sys.executable, str(script), str(data), str(tmp_path / name), json.dumps(DETERMINISM_SETTINGS)]
+        return subprocess.Popen([*args, *map(str, seeds)], env=env)
+
+    children = [start("b", 7)]
+    # This process trains seeds 7 and 8 itself when it runs on the CPU (saving a framework start);
+    # where it may see a GPU, a second CPU-only process does.
+    here_on_cpu = os.environ.get(gpu.ENV) in ("", "-1") or gpu.count_gpus() == 0
     try:
-        here = {
-            seed: training.predict_probs(
-                training.train_head(train, val, DETERMINISM_SETTINGS, seed, deterministic=True).model, val["x"]
-            )
-            for seed in (7, 8)
-        }
+        if here_on_cpu:
+            for seed in (7, 8):
+                result = training.train_head(train, val, DETERMINISM_SETTINGS, seed, deterministic=True)
+                np.save(tmp_path / f"a_{seed}.npy", training.predict_probs(result.model, val["x"]))
+        else:
+            children.append(start("a", 7, 8))
     finally:
-        assert child.wait(timeout=300) == 0
-    there = np.load(tmp_path / "child.npy")
-    np.testing.assert_array_equal(here[7], there)  # bit-identical across processes
-    assert not np.array_equal(here[7], here[8])  # and the seed matters
+        codes = [child.wait(timeout=300) for child in children]
+    assert codes == [0] * len(children)
+    a7, a8, b7 = (np.load(tmp_path / f"{name}.npy") for name in ("a_7", "a_8", "b_7"))
+    np.testing.assert_array_equal(a7, b7)  # bit-identical across processes
+    assert not np.array_equal(a7, a8)  # and the seed matters
 
 
 # ------------------------------------------------------------------------------- finetune mode
@@ -332,7 +390,12 @@ def test_image_batches_are_augmented_reproducibly_and_weighted():
     seen_views = set()
     for x, _, _ in batches:
         for row in x.astype(np.uint8):
-            matches = [(i, v) for i in range(10) for v in range(8) if np.array_equal(features.dihedral(images[i : i + 1], v)[0], row)]
+            matches = [
+                (i, v)
+                for i in range(10)
+                for v in range(8)
+                if np.array_equal(features.dihedral(images[i : i + 1], v)[0], row)
+            ]
             assert matches
             seen_views.add(matches[0][1])
     assert len(seen_views) > 1  # augmentation happened
