@@ -17,11 +17,14 @@ renders correctly at any resolution: an ALL_IDB2 crop is the same cell as in its
 rendered through a smaller view at crop size.
 
 Why the class signal is morphological only. Blasts are larger (relative to the red cells), have
-fine chromatin, nucleoli and a slightly irregular nucleus; lymphocytes are small with clumped
-chromatin. Both classes draw stain, brightness, background and red-cell density from the same
-distributions; each nucleus is normalised to the same mean dye amount; healthy slides receive
-extra lymphocytes whose total area matches the blasts' area drawn for an ALL slide; crops frame
-their cell in proportion to its size. So the per-image mean colour carries (almost) no label.
+fine chromatin, nucleoli, a slightly irregular nucleus and deeper blue cytoplasm; lymphocytes are
+small with clumped chromatin; the ranges overlap (small blasts, large lymphocytes). Against a
+mean-colour shortcut: both classes draw stain, brightness, background and red-cell density from
+the same distribution, stratified per class (a Latin hypercube) so that a small set does not
+acquire a colour difference by chance; every nucleus transmits the same mean light whatever its
+texture; healthy slides receive extra lymphocytes whose total area matches the blasts drawn for
+an ALL slide; crops frame their cell in proportion to its size and are spread evenly over the
+slides. A logistic regression on mean colour stays at chance; texture features do not.
 
 Determinism: every random draw comes from a generator keyed by (seed, stream, number), archive
 members have fixed order, timestamps and permissions, and the JPEG quality is fixed; the same
@@ -221,7 +224,8 @@ class Look:
 # --------------------------------------------------------------------------------------------
 
 
-def _blast_radius(rng: np.random.Generator, n: int | None = None) -> np.ndarray:
+def _blast_radius(rng: np.random.Generator, n: int | None = None) -> np.ndarray | float:
+    """Blast radius (um): one float, or an (n,) array when ``n`` is given."""
     # Overlaps the large-lymphocyte range on purpose: size alone must not decide the class.
     return rng.uniform(4.6, 8.5, n)
 
@@ -868,7 +872,8 @@ def _plan_slides(spec: DemoSpec, labels: Sequence[int], dup: tuple[int, int] | N
     groups = _overlap_groups(spec, labels, exclude)
     grouped = {n for g in groups for n in g}
     singles = [(n,) for n in range(1, len(labels) + 1) if n not in grouped and n not in exclude]
-    blasts_per_field = max(3.0, 1.4 * spec.idb2_per_class / max(1, spec.idb1_all))
+    # Enough blasts for distinct ALL crops, within what a field holds (more crops reuse cells).
+    blasts_per_field = min(12.0, max(3.0, 1.4 * spec.idb2_per_class / spec.idb1_all))
     slides = sorted(groups + singles)
     appearance: dict[tuple[int, ...], np.ndarray] = {}
     for label in (0, 1):
