@@ -1,0 +1,116 @@
+"""The Snakemake workflow as a whole: formatting, lint, DAG shape and start-up errors (fast tests).
+
+The end-to-end runs of the DAG live in tests/test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake")
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table."""
+    lines = output.splitlines()
+    start = lines.index("Job stats:") + 3
+    counts = {}
+    for line in lines[start:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_snakefmt_check():
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
+    out = subprocess.run([str(BIN / "snakefmt"), "--check", *files], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_lint_is_clean():
+    out = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+
+
+def test_default_config_dag_has_every_stage(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode == 0, out.stderr + out.stdout
+    counts = job_counts(out.stdout)
+    n_d, n_b, n_s = len(config["datasets"]), len(config["backbones"]), len(config["ensemble"]["seeds"])
+    assert counts["make_demo_archives"] == 1
+    assert counts["ingest_archive"] == 2 and counts["combine_datasets"] == 1
+    assert counts["make_splits"] == n_d
+    assert counts["extract_features"] == n_d * n_b
+    assert counts["tune_backbone"] == n_d * n_b
+    assert counts["train_member"] == n_d * n_b * n_s
+    assert counts["aggregate_ensemble"] == n_d * n_b
+    assert counts["fuse_predictions"] == n_d
+    assert counts["evaluate"] == 1 and counts["init_tracking"] == 1
+
+
+def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path):
+    write_config(tmp_path, {"datasets": ["ALL_IDB2"], "tune": {"n_trials": 0}, "ensemble": {"seeds": [5]}})
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode == 0, out.stderr + out.stdout
+    counts = job_counts(out.stdout)
+    assert counts["ingest_archive"] == 1 and "combine_datasets" not in counts
+    assert "tune_backbone" not in counts
+    assert counts["train_member"] == 3
+    assert "seed5" in out.stdout
+
+
+def test_finetune_mode_skips_feature_extraction_for_that_backbone(tmp_path):
+    write_config(tmp_path, {"datasets": ["ALL_IDB2"], "backbones": {"mobilenetv2": {"input_size": 96, "mode": "finetune"}}})
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "extract_features" not in job_counts(out.stdout)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"hybird": {}}, "unknown config key 'hybird'"),
+        ({"hybrid": {"epochs": "ten"}}, "hybrid.epochs"),
+        ({"backbones": {"resnet50": {}}}, "resnet50"),
+        ({"split": {"protocol": "random"}}, "split.protocol"),
+    ],
+)
+def test_config_errors_stop_the_workflow_with_the_key_named(tmp_path, config, needle):
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_archive_is_named_at_start_up(tmp_path):
+    write_config(tmp_path, {"datasets": ["ALL_IDB2"], "data": {"archives": {"ALL_IDB2": "nowhere/ALL_IDB2.zip"}}})
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode != 0
+    assert "data.archives.ALL_IDB2: nowhere/ALL_IDB2.zip does not exist" in out.stderr + out.stdout
