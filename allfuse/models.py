@@ -265,12 +265,30 @@ def _random_backbone_gain(model: keras.Model, input_size: int) -> float:
     import keras
 
     probe = np.random.default_rng(0).uniform(0.0, 255.0, size=(4, input_size, input_size, 3)).astype("float32")
-    out = np.asarray(keras.ops.convert_to_numpy(model(probe, training=False)), dtype=np.float64)
+    out = forward(model, probe).astype(np.float64)
     rms = float(np.sqrt(np.mean(np.square(out))))
     if not np.isfinite(rms) or rms == 0.0:
         log.warning("random backbone gives all-zero features on a noise probe; no rescaling applied")
         return 1.0
     return float(2.0 ** round(-np.log2(rms)))
+
+
+def forward(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Inference outputs of ``model`` for x as NumPy, for one-off passes (a gain probe, statistics).
+
+    TensorFlow runs them eagerly: tracing a prediction graph of a whole backbone costs seconds on
+    a CPU and is used once. Under JAX every eager op compiles on its own (about 30 s for
+    InceptionV3 on an H100, measured), so there one compiled ``predict`` is cheaper.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+    parts = [
+        keras.ops.convert_to_numpy(model(x[start : start + batch_size], training=False))
+        for start in range(0, x.shape[0], batch_size)
+    ]
+    return np.concatenate(parts)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

@@ -28,7 +28,7 @@ import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.features import dihedral, resize_batch
-from allfuse.models import backbone_network, build_head, build_hybrid, channel_stats, set_feature_stats
+from allfuse.models import backbone_network, build_head, build_hybrid, channel_stats, forward, set_feature_stats
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def train_finetune(
     if settings.get("head_norm", "standardize") == "standardize":
         # Statistics of the initial backbone's training features: exact during warm-up, a fixed
         # affine rescaling once the backbone starts to move.
-        maps = _forward_eager(backbone, images[train_rows], size, batch_size)
+        maps = _backbone_features(backbone, images[train_rows], size, batch_size)
         set_feature_stats(head, *channel_stats(maps))
 
     x_val = resize_batch(images[val_rows], size)
@@ -433,15 +433,12 @@ def train_finetune(
     return TrainResult(model, monitor.history, monitor.best_epoch, time.perf_counter() - start)
 
 
-def _forward_eager(model: Any, images: np.ndarray, size: int, batch_size: int) -> np.ndarray:
-    """Model outputs for uint8 images, called eagerly batch by batch: used once per training run,
-    where tracing a prediction graph of a whole backbone would cost more than it saves."""
-    import keras
-
-    parts = []
-    for start in range(0, images.shape[0], batch_size):
-        pixels = resize_batch(images[start : start + batch_size], size)
-        parts.append(keras.ops.convert_to_numpy(model(pixels, training=False)))
+def _backbone_features(backbone: Any, images: np.ndarray, size: int, batch_size: int) -> np.ndarray:
+    """Feature maps of uint8 images, resized chunk by chunk (one pass per training run)."""
+    parts = [
+        forward(backbone, resize_batch(images[start : start + PREDICT_CHUNK], size), batch_size)
+        for start in range(0, images.shape[0], PREDICT_CHUNK)
+    ]
     return np.concatenate(parts)
 
 

@@ -336,7 +336,7 @@ def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_finetune_unfreezes_top_layers_only_and_trains_them():
+def test_train_finetune_unfreezes_top_layers_only_and_trains_them(tmp_path):
     import keras
 
     from allfuse import models
@@ -369,6 +369,10 @@ def test_train_finetune_unfreezes_top_layers_only_and_trains_them():
     probs = training.predict_probs(result.model, images[8:])
     assert probs.shape == (4, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # Members are saved in the native format: the nested backbone and head must round-trip.
+    result.model.save(tmp_path / "model.keras")
+    again = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(training.predict_probs(again, images[8:]), probs, atol=1e-5)
 
 
 def test_image_batches_are_augmented_reproducibly_and_weighted():
