@@ -21,7 +21,7 @@ import numpy as np
 
 from allfuse import io
 from allfuse.errors import ConfigError, DataError
-from allfuse.models import build_backbone, check_input_size
+from allfuse.models import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def extract_features(
         raise ValueError(f"unknown subsets {unknown}: use {', '.join(SUBSETS)}")
     backbone_name = settings["backbone"]
     size = int(settings["input_size"])
-    check_input_size(backbone_name, size)
     backbone = build_backbone(backbone_name, size, settings.get("weights"), seed=seed)
     id_array = np.asarray(list(ids), dtype=str)
 
