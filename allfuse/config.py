@@ -246,3 +246,15 @@ def tune_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
 
 def tracking_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(dict(config["tracking"]))
+
+
+def study_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
+    """The hybrid settings a backbone's study depends on.
+
+    Leaves out what the study itself decides (the keys of its search space) and ``epochs`` (trials
+    run ``tune.epochs``), so that changing, say, the members' epoch budget reruns the members but
+    not the study.
+    """
+    settings = backbone_settings(config, backbone)
+    tuned = set(tune_settings(config, backbone)["search_space"])
+    return {k: v for k, v in settings.items() if k not in tuned and k != "epochs"}

@@ -218,3 +218,17 @@ def enable_memory_growth() -> list[str]:
         except RuntimeError as exc:  # the GPU was initialised already
             log.warning("cannot enable memory growth on %s: %s", device.name, exc)
     return names
+
+
+def gpu_claim(env: str | None = None) -> int:
+    """Units of Snakemake's ``gpu`` resource a GPU job claims: 1 on a host with a GPU, else 0.
+
+    ``--resources gpu=N`` says how many cards jobs may share at once; on a host without a GPU there
+    is no card to share, so the jobs claim none and run on the CPU side by side, paced by
+    ``--cores`` and ``mem_mb``. ``ALLFUSE_GPU_JOBS=1`` forces a claim (a cluster whose submit host
+    has no GPU but whose compute nodes do), ``ALLFUSE_GPU_JOBS=0`` forbids it.
+    """
+    value = os.environ.get("ALLFUSE_GPU_JOBS", "auto") if env is None else env
+    if value in ("0", "1"):
+        return int(value)
+    return 1 if count_gpus() > 0 else 0

@@ -11,6 +11,7 @@ RUNNING by MLflow; ``reap_dead_runs`` marks such runs KILLED the next time the s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -252,6 +253,37 @@ class Run:
         retry(self.client.set_terminated, self.run_id, status)
 
 
+# Tags that differ between two otherwise identical runs; they do not enter a run's id.
+_VOLATILE_TAGS = ("allfuse.pid", "allfuse.host")
+
+
+@contextlib.contextmanager
+def _seeded_uuid4(seed: str) -> Iterator[None]:
+    """Make the next ``uuid.uuid4()`` call return a UUID derived from ``seed`` (later calls are random)."""
+    import uuid
+
+    original = uuid.uuid4
+    state = {"used": False}
+
+    def seeded() -> uuid.UUID:
+        if state["used"]:
+            return original()
+        state["used"] = True
+        return uuid.UUID(hex=hashlib.sha256(seed.encode()).hexdigest()[:32], version=4)
+
+    uuid.uuid4 = seeded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        uuid.uuid4 = original  # type: ignore[assignment]
+
+
+def deterministic_run_seed(exp_id: str, run_name: str, tags: Mapping[str, str], attempt: int) -> str:
+    """What a run's id is derived from: experiment, name, provenance tags and attempt number."""
+    stable = {k: v for k, v in tags.items() if k not in _VOLATILE_TAGS}
+    return json.dumps({"experiment": exp_id, "name": run_name, "tags": stable, "attempt": attempt}, sort_keys=True)
+
+
 def create_run(
     uri: str,
     experiment: str,
@@ -259,12 +291,26 @@ def create_run(
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
 ) -> Run:
+    """Create a run. In a local store (sqlite or file) its id is derived from its provenance.
+
+    MLflow's local stores draw run ids from ``uuid.uuid4()``. Deriving the id instead from the
+    experiment, run name, provenance tags (code commit, config hash, data hashes, wildcards) and the
+    number of earlier runs of that name makes two reproductions from empty results folders name
+    the same run ids, so tables that cite run ids stay byte-identical; a rerun in the same store
+    still gets a new id. A remote tracking server assigns its own ids.
+    """
     c = client(uri)
     exp_id = experiment_id(uri, experiment)
     all_tags = {k: _stringify(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = retry(c.create_run, exp_id, tags=all_tags, run_name=run_name)
+    if uri.startswith(("sqlite:", "file:")):
+        earlier = retry(c.search_runs, [exp_id], filter_string=f"attributes.run_name = '{run_name}'", max_results=1000)
+        seed = deterministic_run_seed(exp_id, run_name, all_tags, len(earlier))
+        with _seeded_uuid4(seed):
+            run = retry(c.create_run, exp_id, tags=all_tags, run_name=run_name)
+    else:
+        run = retry(c.create_run, exp_id, tags=all_tags, run_name=run_name)
     return Run(uri, run.info.run_id)
 
 

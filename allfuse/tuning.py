@@ -1072,7 +1072,9 @@ def _run_study(
     # A resumed study gets a sampler seeded past its existing trials: reseeding with the config
     # seed would redraw the first run's random start-up points. A study run in one go uses the
     # config seed exactly.
-    sampler = optuna.samplers.TPESampler(seed=int(job.tune["seed"]) + existing)
+    sampler = optuna.samplers.TPESampler(
+        seed=int(job.tune["seed"]) + existing, n_startup_trials=int(job.tune.get("tpe_startup_trials", 10))
+    )
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=int(job.tune["n_startup_trials"]), n_warmup_steps=int(job.tune["n_warmup_steps"])
     )

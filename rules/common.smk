@@ -4,6 +4,7 @@
 from pathlib import Path
 
 from allfuse import config as afc
+from allfuse.gpu import gpu_claim
 
 RESULTS = "results"
 LOGS = "logs"
@@ -14,6 +15,9 @@ DATASETS = list(config["datasets"])
 BACKBONES = list(config["backbones"])
 ARCHIVES_NEEDED = afc.archives_needed(config)
 USES_DEMO = afc.uses_demo(config)
+# GPU jobs claim one unit of `--resources gpu=N` on a host with a GPU, none on a CPU-only host
+# (there they run side by side, paced by --cores and mem_mb); ALLFUSE_GPU_JOBS=1/0 overrides.
+GPU = gpu_claim()
 
 
 wildcard_constraints:
@@ -97,6 +101,10 @@ def features_of(wildcards):
 
 def tune_of(wildcards):
     return afc.tune_settings(config, wildcards.backbone)
+
+
+def study_settings_of(wildcards):
+    return afc.study_settings(config, wildcards.backbone)
 
 
 def mode_of(backbone):

@@ -19,7 +19,7 @@ rule extract_features:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU,
         mem_mb=4000,
         runtime=60,
     params:

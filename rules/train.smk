@@ -20,7 +20,7 @@ rule train_member:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU,
         mem_mb=4000,
         runtime=120,
     params:

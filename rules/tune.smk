@@ -21,11 +21,11 @@ rule tune_backbone:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU,
         mem_mb=4000,
         runtime=240,
     params:
-        settings=settings_of,
+        settings=study_settings_of,
         tune=tune_of,
         fold=config["split"]["fold"],
         deterministic=config["ensemble"]["deterministic"],

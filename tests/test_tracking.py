@@ -132,3 +132,17 @@ def test_flatten_and_provenance(tmp_path):
     assert json.loads(tags["allfuse.wildcards"]) == {"dataset": "D", "seed": 1}
     assert len(tags["allfuse.sha256.x"]) == 64
     assert tags["allfuse.git_commit"]
+
+
+def test_run_ids_are_reproducible_in_fresh_stores_and_unique_within_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ids = []
+    for name in ("a", "b"):
+        info = tracking.init_tracking({"uri": None, "experiment": "unit"}, root=tmp_path / name)
+        first = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "h", "allfuse.pid": name})
+        second = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "h"})
+        other = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "changed"})
+        ids.append((first.run_id, second.run_id, other.run_id))
+    assert ids[0] == ids[1]  # same provenance in a fresh store: same ids (pid does not count)
+    assert len(set(ids[0])) == 3  # a rerun or another config in the same store: new ids
+    assert all(len(i) == 32 for i in ids[0])
