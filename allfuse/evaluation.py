@@ -1005,8 +1005,11 @@ def fuse_predictions(
     out_predictions: PathLike,
     out_weights: PathLike,
     out_run: PathLike,
+    resolved_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fuse the backbones' ensembles of one dataset by every rule; log the fusion as its own run.
+
+    ``resolved_config`` (the whole workflow config) is stored with the run so it can be rerun.
 
     ``ensemble_*`` are the ensembles' predictions.csv and run.json in ``backbones`` order;
     ``member_*`` the members' predictions.csv and run.json, backbone-major then ``seeds`` order;
@@ -1052,7 +1055,7 @@ def fuse_predictions(
             rule="fuse_predictions",
             wildcards={"dataset": dataset},
             config_hash=sha256_json(dict(evaluation)),
-            inputs={f"ensemble.{b}": ens_paths[(b,)] for b in backbones},
+            inputs={f"ensemble.{b}": ens_paths[(b,)] for b in backbones} | ({"split": split} if split else {}),
         )
         tags.update(
             {"allfuse.level": "fusion", "allfuse.dataset": dataset, "allfuse.synthetic": str(synthetic).lower()}
@@ -1070,6 +1073,8 @@ def fuse_predictions(
                 run.log_metrics(_metric_log(m, f"{rule}_test_"))
             run.log_artifact(out_predictions, "fusion")
             run.log_artifact(out_weights, "fusion")
+            if resolved_config is not None:
+                tracking.log_config(run, resolved_config)
             run_id, uri = run.run_id, run.uri
         experiment_id = info.get("experiment_id")
     record = {

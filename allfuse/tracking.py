@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 DEFAULT_STORE = Path("results/mlflow/mlflow.db")
 DEFAULT_ARTIFACTS = Path("results/mlflow/artifacts")
+CONFIG_ARTIFACT = "config/resolved_config.yaml"
 JOB_TAG = "allfuse.job"  # identifies the job that owns a run, e.g. "train_member/ALL_IDB1/mobilenetv2/1"
 
 
@@ -371,12 +372,26 @@ def init_tracking(tracking: Mapping[str, Any], root: Path | str = ".") -> dict[s
     return {"uri": uri, "experiment": name, "experiment_id": ids[name]}
 
 
-def start_parent_run(store: Mapping[str, str], run_name: str, tags: Mapping[str, Any]) -> dict[str, str]:
-    """Create a parent run (left RUNNING until its ensemble is aggregated); return its identity."""
+def start_parent_run(
+    store: Mapping[str, str], run_name: str, tags: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Create a parent run (left RUNNING until its ensemble is aggregated); return its identity.
+
+    ``config``, the resolved workflow config, is stored as the artifact ``config/resolved_config.yaml``.
+    """
     run = create_run(store["uri"], store["experiment"], run_name, tags=tags)
+    if config is not None:
+        log_config(run, config)
     return {
         "run_id": run.run_id,
         "experiment": store["experiment"],
         "experiment_id": experiment_id(store["uri"], store["experiment"]),
         "tracking_uri": store["uri"],
     }
+
+
+def log_config(run: Run, config: Mapping[str, Any]) -> None:
+    """Store the resolved config of the workflow run as ``config/resolved_config.yaml``."""
+    import yaml
+
+    run.log_text(yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=True), CONFIG_ARTIFACT)

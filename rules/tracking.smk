@@ -25,6 +25,8 @@ rule init_tracking:
 rule start_ensemble_run:
     input:
         store=f"{RESULTS}/mlflow/store.json",
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.csv",
+        split=f"{RESULTS}/splits/{{dataset}}.json",
     output:
         parent=f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json",
     log:

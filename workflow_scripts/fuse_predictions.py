@@ -20,6 +20,7 @@ def main(smk, log):
         out_predictions=smk.output.predictions,
         out_weights=smk.output.weights,
         out_run=smk.output.run,
+        resolved_config=dict(smk.config),
     )
     log.info(
         "fused %s: sum-rule test accuracy %.4f, weights %s, run %s",
