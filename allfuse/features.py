@@ -13,6 +13,7 @@ Cache file (one per subset, see docs/ARCHITECTURE.md): ``x`` float16 (M, H, W, C
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,11 +157,14 @@ def load_features(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"feature file not found: {path} (run the extract_features rule first)")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in FEATURE_ARRAYS if k not in data.files]
-        if missing:
-            raise DataError(f"feature file {path} lacks arrays {missing}; delete it and re-extract features")
-        arrays = {k: data[k] for k in FEATURE_ARRAYS}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in FEATURE_ARRAYS if k not in data.files]
+            if missing:
+                raise DataError(f"feature file {path} lacks arrays {missing}; delete it and re-extract features")
+            arrays = {k: data[k] for k in FEATURE_ARRAYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"feature file {path} is unreadable ({exc}); delete it and re-extract features") from None
     m = arrays["x"].shape[0]
     if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS):
         raise DataError(f"feature file {path} has arrays of different lengths; delete it and re-extract features")

@@ -9,6 +9,7 @@ The fixture ``idb`` hands out the functions below, e.g.::
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zipfile
 from collections.abc import Iterable
@@ -134,3 +135,11 @@ def idb1_src(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     make_idb_tree(src, "ALL_IDB1")
     return src
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _keras_home(tmp_path_factory):
+    """Keep Keras' settings and cache out of the home folder while tests run."""
+    if not os.environ.get("KERAS_HOME"):
+        os.environ["KERAS_HOME"] = str(tmp_path_factory.mktemp("keras_home"))
+    yield

@@ -26,6 +26,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from allfuse.errors import AllfuseError  # noqa: E402
+from allfuse.models import configure_keras_home  # noqa: E402
+
+# Keras' cache and settings stay in the workflow's working directory (.keras/) unless the user set
+# KERAS_HOME; this must happen before anything imports Keras.
+configure_keras_home(Path.cwd())
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -79,7 +84,7 @@ def mock_snakemake(rule_name: str, configfiles: list[str] | None = None, **wildc
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
     os.chdir(REPO)
-    with SnakemakeApi(OutputSettings(quiet={"all"} if False else None)) as api:  # type: ignore[arg-type]
+    with SnakemakeApi(OutputSettings()) as api:
         settings = ConfigSettings(configfiles=[Path(c).resolve() for c in (configfiles or [])])
         workflow_api = api.workflow(
             resource_settings=ResourceSettings(cores=1),
