@@ -177,18 +177,21 @@ class Predictions:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
-    def subset(self, split: str) -> Predictions:
-        """The rows of one split (``val`` or ``test``), in the same order."""
-        keep = self.split == split
+    def take(self, index: np.ndarray) -> Predictions:
+        """The rows selected by ``index`` (a boolean mask or integer positions), in that order."""
         return Predictions(
-            image_id=self.image_id[keep],
-            split=self.split[keep],
-            label=self.label[keep],
-            probs=self.probs[keep],
-            extra={k: v[keep] for k, v in self.extra.items()},
+            image_id=self.image_id[index],
+            split=self.split[index],
+            label=self.label[index],
+            probs=self.probs[index],
+            extra={k: v[index] for k, v in self.extra.items()},
             n_members=self.n_members,
             source=self.source,
         )
+
+    def subset(self, split: str) -> Predictions:
+        """The rows of one split (``val`` or ``test``), in the same order."""
+        return self.take(self.split == split)
 
     def uncertainty(self, name: str) -> np.ndarray:
         if name not in self.extra:
@@ -200,16 +203,7 @@ class Predictions:
 
 
 def _canonical(pred: Predictions) -> Predictions:
-    order = np.lexsort((pred.image_id, pred.split))
-    return Predictions(
-        image_id=pred.image_id[order],
-        split=pred.split[order],
-        label=pred.label[order],
-        probs=pred.probs[order],
-        extra={k: v[order] for k, v in pred.extra.items()},
-        n_members=pred.n_members,
-        source=pred.source,
-    )
+    return pred.take(np.lexsort((pred.image_id, pred.split)))
 
 
 def _parse_rows(rows: Sequence[Mapping[str, str]], where: str, extra: Sequence[str]) -> Predictions:

@@ -145,7 +145,10 @@ def provenance_tags(
     return tags
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (0 or negative: no)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +174,7 @@ def reap_dead_runs(uri: str, exp_id: str, job: str) -> list[str]:
     for run in runs:
         tags = run.data.tags
         pid = int(tags.get("allfuse.pid", "0") or 0)
-        if tags.get("allfuse.host") == host and pid != os.getpid() and not _pid_alive(pid):
+        if tags.get("allfuse.host") == host and pid != os.getpid() and not pid_alive(pid):
             retry(c.set_terminated, run.info.run_id, "KILLED")
             reaped.append(run.info.run_id)
             log.warning("marked run %s of %s KILLED: its process %d is gone", run.info.run_id, job, pid)

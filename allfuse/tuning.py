@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from allfuse import tracking
 from allfuse.errors import AllfuseError, ConfigError, DataError
 from allfuse.io import read_json, sha256_array, sha256_json, write_csv, write_json
 
@@ -395,18 +396,6 @@ def load_tuning_data(mode: str, paths: Mapping[str, str], split: str, fold: int 
 # ---------------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def owner() -> dict[str, Any]:
     """Who runs a trial: host name and process id (stored on each trial as ``allfuse.owner``)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
@@ -456,7 +445,7 @@ def fail_orphaned_trials(study: optuna.Study, retry: Callable[[Any, Any], None] 
         pid = int(who.get("pid", 0) or 0)
         if who.get("host") != socket.gethostname():
             state = "another host"
-        elif pid != os.getpid() and _pid_alive(pid):
+        elif pid != os.getpid() and tracking.pid_alive(pid):
             state = "that pid is alive again: reused"
         else:
             state = "its process is gone"
