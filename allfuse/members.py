@@ -266,6 +266,7 @@ def train_member(job: MemberJob) -> dict[str, Any]:
         run_name = f"member-{job.dataset}-{job.backbone}-seed{job.seed}"
         parent_id = parent["run_id"] if parent else None
         with tracking.tracked_run(store_uri, experiment, run_name, tags=tags, parent_run_id=parent_id) as run:
+            log.info("MLflow run %s started (%s)", run.run_id, run_name)
             record = _train_and_log(job, settings, split, slot, run)
         record["experiment_id"] = tracking.experiment_id(store_uri, experiment)
         try:
