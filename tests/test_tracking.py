@@ -91,7 +91,8 @@ def test_retry_retries_only_transient_errors():
         tracking.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), base_delay=0.001)
 
 
-def test_four_processes_log_at_once_to_one_store(store, tmp_path):
+def test_eight_processes_log_at_once_to_one_store(store, tmp_path):
+    # As eight Snakemake jobs (--cores 8) logging to the one sqlite store created by init_tracking.
     script = tmp_path / "worker.py"
     script.write_text(
         textwrap.dedent(
@@ -111,10 +112,10 @@ def test_four_processes_log_at_once_to_one_store(store, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [
         subprocess.Popen([sys.executable, str(script), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for i in range(4)
+        for i in range(8)
     ]
     results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0, 0], [r[1][-2000:] for r in results]
+    assert [p.returncode for p in procs] == [0] * 8, [r[1][-2000:] for r in results]
     c = tracking.client(store["uri"])
     for stdout, _ in results:
         run = c.get_run(stdout.strip().splitlines()[-1])
