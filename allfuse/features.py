@@ -22,7 +22,7 @@ import numpy as np
 
 from allfuse import io
 from allfuse.errors import ConfigError, DataError
-from allfuse.models import build_backbone
+from allfuse.models import build_backbone, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +171,6 @@ def load_features(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _configure_threads(threads: int | None) -> None:
-    """Keep TensorFlow within the cores Snakemake granted the job (TensorFlow backend only)."""
-    import keras
-
-    if not threads or keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
-    except RuntimeError:  # TensorFlow already started its thread pools
-        log.warning("TensorFlow was already running; cannot limit it to %s threads", threads)
-
-
 def extract_dataset_features(
     manifest: str | Path,
     images: str | Path,
@@ -216,7 +201,7 @@ def extract_dataset_features(
     try:
         log.info("device: %s", slot.device)
         gpu.enable_memory_growth()
-        _configure_threads(threads)
+        configure_threads(threads)
         from allfuse.training import set_seed
 
         set_seed(seed, deterministic)

@@ -90,23 +90,6 @@ def resolve_hyperparameters(settings: Mapping[str, Any], best_params_path: str |
     return resolved
 
 
-def _configure_threads(threads: int | None) -> None:
-    """Keep TensorFlow within the cores Snakemake granted the job (TensorFlow backend only)."""
-    if not threads:
-        return
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
-    except RuntimeError:  # TensorFlow already started its thread pools (a second member in one process)
-        log.warning("TensorFlow was already running; cannot limit it to %s threads", threads)
-
-
 def _load_features(path: str) -> dict[str, np.ndarray]:
     from allfuse.features import load_features
 
@@ -287,9 +270,10 @@ def _train_and_log(
 ) -> dict[str, Any]:
     from allfuse import gpu, tracking
     from allfuse.io import atomic_path
+    from allfuse.models import configure_threads
     from allfuse.training import set_seed, train_finetune, train_head
 
-    _configure_threads(job.threads)  # before any TensorFlow op starts its thread pools
+    configure_threads(job.threads)  # before any TensorFlow op starts its thread pools
     gpu.enable_memory_growth()
     set_seed(job.seed, job.deterministic)
     run.log_params({**settings, "seed": job.seed, "fold": job.fold, "deterministic": job.deterministic})

@@ -427,3 +427,30 @@ def build_hybrid(
     inputs = keras.Input(shape=(size, size, 3), name="image")
     outputs = head(backbone(inputs))
     return keras.Model(inputs, outputs, name=f"{backbone_name}_gru")
+
+
+def configure_threads(threads: int | None) -> int | None:
+    """Keep TensorFlow within the cores Snakemake granted the job; return the intra-op threads set.
+
+    ``threads`` is capped at the cores this process may use: on a 2-core host a rule's
+    ``threads: 4`` still means two TensorFlow threads (more only adds context switches). Only the
+    TensorFlow backend has such pools; it must not have run an op yet (else a warning).
+    """
+    if not threads:
+        return None
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    intra = max(1, min(int(threads), cores))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, intra)))
+    except RuntimeError:  # TensorFlow already started its thread pools (a second job in one process)
+        log.warning("TensorFlow was already running; cannot limit it to %s threads", intra)
+        return None
+    return intra
+

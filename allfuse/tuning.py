@@ -746,15 +746,6 @@ class TuneJob:
         return Path(self.study_db) if self.study_db else Path(self.out_best).parent / "study.db"
 
 
-def _configure_threads(threads: int | None) -> None:
-    if not threads:
-        return
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (Snakemake cancelling a job) into KeyboardInterrupt, so the running trial is
@@ -1006,6 +997,7 @@ def tune(job: TuneJob, trainer: Trainer | None = None) -> dict[str, Any]:
     import optuna
 
     from allfuse import gpu
+    from allfuse.models import configure_threads
 
     _check_tune_settings(job.tune)
     mode = job.settings["mode"]
@@ -1023,7 +1015,7 @@ def tune(job: TuneJob, trainer: Trainer | None = None) -> dict[str, Any]:
     try:
         log.info("study %s on %s, device %s", name, db_path, slot.device)
         if trainer is None:
-            _configure_threads(job.threads)
+            configure_threads(job.threads)
             gpu.enable_memory_growth()
             trainer = keras_trainer
         data = load_tuning_data(mode, job.data, job.split, job.fold)

@@ -17,7 +17,7 @@ rule extract_features:
         f"{BENCH}/features/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 4
     resources:
         gpu=GPU,
         mem_mb=4000,

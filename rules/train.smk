@@ -18,7 +18,7 @@ rule train_member:
         f"{BENCH}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 4
     resources:
         gpu=GPU,
         mem_mb=4000,

@@ -19,7 +19,7 @@ rule tune_backbone:
         f"{BENCH}/tune/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 4
     resources:
         gpu=GPU,
         mem_mb=4000,
