@@ -359,6 +359,13 @@ def print_variant_table(results: dict[str, list[dict[str, Any]]], baseline: str,
         )
     )
     print(f"\nRatios are to '{baseline}' (higher = faster); medians over repeats.")
+    wall_ratio = med(results[target], "samples_per_s") / base_rate
+    cpu_ratio = base_cpu / med(results[target], "cpu_ms_per_sample")
+    if abs(wall_ratio - cpu_ratio) > 0.1:
+        print(
+            f"The wall ({fmt(wall_ratio, 2)}) and CPU ({fmt(cpu_ratio, 2)}) ratios of '{target}' disagree: other "
+            "processes disturbed the wall times; trust the CPU ratio, or rerun on an idle machine."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
