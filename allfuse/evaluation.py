@@ -929,7 +929,7 @@ def aggregate_ensemble(
     """
     if not seeds:
         raise ConfigError("ensemble.seeds is empty; an ensemble needs at least one member")
-    parent = _record(parent_run, "start_ensemble_run")
+    parent = _record(parent_run, "init_tracking")
     info = _store(store)
     run = None
     if info is not None:
