@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from allfuse import tracking
+from test_workflow import job_counts
 
 pytestmark = pytest.mark.slow
 
@@ -91,15 +92,7 @@ def scheduled(workdir: Path) -> dict[str, int]:
     text = out.stdout + out.stderr
     if "Nothing to be done" in text:
         return {}
-    lines = text.splitlines()
-    start = lines.index("Job stats:") + 3
-    counts = {}
-    for line in lines[start:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
+    return job_counts(text)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
