@@ -114,3 +114,33 @@ def test_missing_archive_is_named_at_start_up(tmp_path):
     out = snakemake(tmp_path, "-n")
     assert out.returncode != 0
     assert "data.archives.ALL_IDB2: nowhere/ALL_IDB2.zip does not exist" in out.stderr + out.stdout
+
+
+def test_adapter_runs_standalone_outside_snakemake(tmp_path):
+    """Each workflow script can be run by hand (`python workflow_scripts/X.py name=value ...`):
+    the snakemake object is built from the real rule, relative to --directory."""
+    config = {
+        "datasets": ["ALL_IDB2"],
+        "demo": {"idb1_all": 2, "idb1_healthy": 2, "idb1_width": 96, "idb1_height": 72, "idb2_per_class": 4, "idb2_size": 48},
+    }
+    write_config(tmp_path, config)
+    scripts = REPO / "workflow_scripts"
+    for script, wildcards in (("make_demo_archives.py", []), ("ingest_archive.py", ["dataset=ALL_IDB2"])):
+        out = subprocess.run(
+            [sys.executable, str(scripts / script), *wildcards, "--directory", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "results/demo/ALL_IDB2.zip").is_file()
+    manifest = (tmp_path / "results/data/ALL_IDB2/manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 8  # header + 4 per class
+    assert "rule ingest_archive done" in (tmp_path / "logs/data/ALL_IDB2/ingest_archive.log").read_text()
+    bad = subprocess.run(
+        [sys.executable, str(scripts / "ingest_archive.py"), "ALL_IDB2", "--directory", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "name=value" in bad.stderr

@@ -6,7 +6,7 @@ Every adapter does three things: unpack the ``snakemake`` object, send logging i
 traceback. ``mock_snakemake`` builds the same object outside Snakemake so that any adapter can be
 run by hand for debugging:
 
-    python workflow_scripts/make_splits.py dataset=ALL_IDB1 [--configfile my.yaml]
+    python workflow_scripts/make_splits.py dataset=ALL_IDB1 [--configfile my.yaml] [--directory DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from allfuse.models import configure_keras_home  # noqa: E402
 
 # Keras' cache and settings stay in the workflow's working directory (.keras/) unless the user set
 # KERAS_HOME; this must happen before anything imports Keras.
+_USER_KERAS_HOME = bool(os.environ.get("KERAS_HOME"))
 configure_keras_home(Path.cwd())
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -71,11 +72,18 @@ def run(main: Callable[[Any, logging.Logger], None], smk: Any) -> None:
     log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
 
 
-def mock_snakemake(rule_name: str, configfiles: list[str] | None = None, **wildcards: str) -> Any:
+def mock_snakemake(
+    rule_name: str,
+    configfiles: list[str] | None = None,
+    directory: str | os.PathLike[str] | None = None,
+    **wildcards: str,
+) -> Any:
     """A ``snakemake`` object for ``rule_name`` with ``wildcards``, built from the real workflow.
 
     Uses Snakemake's API to load the Snakefile (config validation included) and expand the rule's
-    input, output, params and log exactly as a scheduled job would.
+    input, output, params and log exactly as a scheduled job would, relative to ``directory`` (the
+    working directory, as Snakemake's ``--directory``; default the repository). The process moves
+    into that directory, so the adapter's relative paths resolve as in a scheduled job.
     """
     from snakemake.api import SnakemakeApi
     from snakemake.dag import DAG
@@ -83,15 +91,20 @@ def mock_snakemake(rule_name: str, configfiles: list[str] | None = None, **wildc
     from snakemake.script import Snakemake
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
-    os.chdir(REPO)
+    workdir = Path(directory).resolve() if directory else REPO
+    os.chdir(workdir)
+    if not _USER_KERAS_HOME:  # the working directory moved: so does the project's Keras home
+        os.environ.pop("KERAS_HOME", None)
+        configure_keras_home(workdir)
     with SnakemakeApi(OutputSettings()) as api:
         settings = ConfigSettings(configfiles=[Path(c).resolve() for c in (configfiles or [])])
         workflow_api = api.workflow(
             resource_settings=ResourceSettings(cores=1),
             config_settings=settings,
             snakefile=REPO / "Snakefile",
-            workdir=REPO,
+            workdir=workdir,
         )
+        workflow_api.dag()  # sets the workflow's DAG settings, which DAG() reads
         workflow = workflow_api._workflow
         rule = workflow.get_rule(rule_name)
         dag = DAG(workflow, rules=[rule])
@@ -120,6 +133,10 @@ def standalone(rule_name: str) -> Any:
     )
     parser.add_argument("wildcards", nargs="*", help="wildcard values as name=value")
     parser.add_argument("--configfile", action="append", help="extra config file(s), as for snakemake")
+    parser.add_argument("--directory", help="working directory holding results/ (default: the repository)")
     args = parser.parse_args()
+    bad = [item for item in args.wildcards if "=" not in item]
+    if bad:
+        parser.error(f"wildcards must be name=value, got {' '.join(bad)}")
     wildcards = dict(item.split("=", 1) for item in args.wildcards)
-    return mock_snakemake(rule_name, configfiles=args.configfile, **wildcards)
+    return mock_snakemake(rule_name, configfiles=args.configfile, directory=args.directory, **wildcards)
