@@ -473,16 +473,24 @@ def predict_probs(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray
 
 
 def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Model outputs for x in chunks of PREDICT_CHUNK rows, float64; uint8 images are resized."""
+    """Model outputs for x in batches of ``batch_size``, float64; uint8 images are resized in
+    chunks of PREDICT_CHUNK rows.
+
+    ``predict_on_batch`` runs the same compiled predict function as ``predict`` on the same
+    batches, without building a data iterator per call (about 0.2-0.5 s each on a CPU).
+    """
     x = np.asarray(x)
     if x.shape[0] == 0:
         out_shape = tuple(int(v) for v in model.output.shape[1:])
         return np.zeros((0, *out_shape))
     size = model.input.shape[1]
+    batch_size = max(1, int(batch_size))
     parts = []
     for start in range(0, x.shape[0], PREDICT_CHUNK):
         block = x[start : start + PREDICT_CHUNK]
         if block.dtype == np.uint8:
             block = resize_batch(block, int(size))
-        parts.append(np.asarray(model.predict(block, batch_size=batch_size, verbose=0), dtype=np.float64))
+        for first in range(0, block.shape[0], batch_size):
+            out = model.predict_on_batch(block[first : first + batch_size])
+            parts.append(np.asarray(keras_numpy(out), dtype=np.float64))
     return np.concatenate(parts)

@@ -238,6 +238,10 @@ def test_train_head_learns_reports_epochs_and_calls_hooks():
     loss = -np.mean(np.log(probs[np.arange(40), val["y"]] + 1e-12))
     assert loss == pytest.approx(best["val_loss"], rel=1e-3)
     assert np.mean(probs.argmax(axis=1) == val["y"]) >= 0.85
+    # Batch-wise predict_on_batch gives Keras' own predict, whatever the batch size and remainder.
+    reference = result.model.predict(val["x"], batch_size=32, verbose=0)
+    np.testing.assert_allclose(training.predict_probs(result.model, val["x"], batch_size=7), reference, atol=1e-6)
+    assert training.predict_probs(result.model, val["x"][:0]).shape == (0, 2)
 
 
 @pytest.mark.slow
