@@ -432,8 +432,8 @@ def build_hybrid(
 def configure_threads(threads: int | None) -> int | None:
     """Keep TensorFlow within the cores Snakemake granted the job; return the intra-op threads set.
 
-    ``threads`` is capped at the cores this process may use: on a 2-core host a rule's
-    ``threads: 4`` still means two TensorFlow threads (more only adds context switches). Only the
+    ``threads`` is capped at the cores this process may use (more only adds context switches);
+    workflow jobs pass their share of the host (allfuse.gpu.thread_share). Only the
     TensorFlow backend has such pools; it must not have run an op yet (else a warning).
     """
     if not threads:

@@ -4,7 +4,7 @@
 from pathlib import Path
 
 from allfuse import config as afc
-from allfuse.gpu import gpu_claim
+from allfuse.gpu import gpu_claim, thread_share
 
 RESULTS = "results"
 LOGS = "logs"
@@ -138,3 +138,10 @@ SEEDS = list(config["ensemble"]["seeds"])
 
 def member_dirs(dataset, backbone):
     return [f"{RESULTS}/members/{dataset}/{backbone}/seed{seed}" for seed in SEEDS]
+
+
+def tf_threads(wildcards, threads):
+    """Resource `tf_threads`: the TensorFlow threads of a compute job, its share of this host
+    (allfuse.gpu.thread_share); a resource, not a param, so it never triggers a rerun.
+    """
+    return thread_share(threads, workflow.cores)

@@ -22,6 +22,7 @@ rule extract_features:
         gpu=GPU,
         mem_mb=4000,
         runtime=60,
+        tf_threads=tf_threads,
     params:
         features=features_of,
         fold=config["split"]["fold"],

@@ -23,6 +23,7 @@ rule train_member:
         gpu=GPU,
         mem_mb=4000,
         runtime=120,
+        tf_threads=tf_threads,
     params:
         settings=settings_of,
         fold=config["split"]["fold"],

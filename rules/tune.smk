@@ -24,6 +24,7 @@ rule tune_backbone:
         gpu=GPU,
         mem_mb=4000,
         runtime=240,
+        tf_threads=tf_threads,
     params:
         settings=study_settings_of,
         tune=tune_of,

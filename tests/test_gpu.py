@@ -129,3 +129,23 @@ def test_enable_memory_growth_applies_to_visible_gpus_only():
     gpus = {device.name for device in tf.config.list_physical_devices("GPU")}
     applied = gpu.enable_memory_growth()
     assert set(applied) <= gpus  # [] on a CPU-only machine
+
+
+@pytest.mark.parametrize(
+    ("threads", "workflow_cores", "cores", "expected"),
+    [
+        (4, 8, 2, 1),  # the default profile's --cores 8 on a 2-core host: two jobs, one core each
+        (4, 2, 2, 2),  # --cores 2: Snakemake already capped the job at the host
+        (2, 8, 2, 1),
+        (4, 8, 16, 4),  # a host larger than --cores: the granted threads
+        (4, None, 2, 2),  # --cores unknown: capped at the host
+        (1, 64, 2, 1),  # never below one thread
+        (8, 12, 6, 4),
+    ],
+)
+def test_thread_share_is_the_jobs_part_of_the_host(threads, workflow_cores, cores, expected):
+    assert gpu.thread_share(threads, workflow_cores, cores) == expected
+
+
+def test_host_cores_is_positive_and_within_cpu_count():
+    assert 1 <= gpu.host_cores() <= (os.cpu_count() or 1)

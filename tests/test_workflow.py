@@ -72,6 +72,11 @@ def test_default_config_dag_has_every_stage(tmp_path):
     assert counts["aggregate_ensemble"] == n_d * n_b
     assert counts["fuse_predictions"] == n_d
     assert counts["evaluate"] == 1 and counts["init_tracking"] == 1
+    # Every TensorFlow job carries its share of the host as the tf_threads resource.
+    from allfuse.gpu import host_cores, thread_share
+
+    share = f"tf_threads={thread_share(4, 8, host_cores())}"  # the profile's --cores 8, threads: 4
+    assert out.stdout.count(share) == n_d * n_b * (2 + n_s), out.stdout
 
 
 def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path):

@@ -72,6 +72,13 @@ def run(main: Callable[[Any, logging.Logger], None], smk: Any) -> None:
     log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
 
 
+def compute_threads(smk: Any) -> int:
+    """Threads a compute job gives TensorFlow: the rule's ``tf_threads`` resource (its share of
+    this host, see allfuse.gpu.thread_share), else the threads Snakemake granted."""
+    share = getattr(smk.resources, "tf_threads", None)
+    return int(share) if share else int(smk.threads)
+
+
 def mock_snakemake(
     rule_name: str,
     configfiles: list[str] | None = None,

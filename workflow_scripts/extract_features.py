@@ -1,6 +1,6 @@
 """Rule extract_features: frozen-backbone feature maps of one dataset (head mode)."""
 
-from _common import run, standalone
+from _common import compute_threads, run, standalone
 
 from allfuse.features import extract_dataset_features
 
@@ -14,7 +14,7 @@ def main(smk, log):
         settings=dict(smk.params.features),
         outputs={"train": smk.output.train, "val": smk.output.val, "test": smk.output.test},
         deterministic=smk.params.deterministic,
-        threads=smk.threads,
+        threads=compute_threads(smk),
     )
 
 

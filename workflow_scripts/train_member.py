@@ -1,6 +1,6 @@
 """Rule train_member: one deep-ensemble member (dataset, backbone, seed), tracked in MLflow."""
 
-from _common import run, standalone
+from _common import compute_threads, run, standalone
 
 from allfuse.io import sha256_json
 from allfuse.members import MemberJob, train_member
@@ -24,7 +24,7 @@ def main(smk, log):
         out_run=smk.output.run,
         fold=smk.params.fold,
         deterministic=smk.params.deterministic,
-        threads=smk.threads,
+        threads=compute_threads(smk),
         provenance={
             "rule": smk.rule,
             "wildcards": wildcards,

@@ -1,6 +1,6 @@
 """Rule tune_backbone: the Optuna study of one (dataset, backbone), on train and validation data only."""
 
-from _common import run, standalone
+from _common import compute_threads, run, standalone
 
 from allfuse.io import sha256_json
 from allfuse.tuning import TuneJob, tune
@@ -26,7 +26,7 @@ def main(smk, log):
         out_trials=smk.output.trials,
         fold=smk.params.fold,
         deterministic=smk.params.deterministic,
-        threads=smk.threads,
+        threads=compute_threads(smk),
         provenance={
             "rule": smk.rule,
             "wildcards": wildcards,
