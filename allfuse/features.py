@@ -122,8 +122,7 @@ def extract_features(
             for start in range(0, rows.size, chunk):
                 block = rows[start : start + chunk]
                 pixels = resize_batch(dihedral(images[block], view), size)
-                maps = backbone.predict(pixels, batch_size=batch_size, verbose=0)
-                xs.append(np.asarray(maps).astype(np.float16))
+                xs.append(_predict_fixed_batches(backbone, pixels, batch_size).astype(np.float16))
             ys.append(labels[rows].astype(np.int64))
             ids_out.append(id_array[rows])
             view_out.append(np.full(rows.size, view, dtype=np.int64))
@@ -136,6 +135,32 @@ def extract_features(
         }
         log.info("%s: %d feature maps %s (%d view(s))", subset, out[subset]["x"].shape[0], shape, len(subset_views))
     return out
+
+
+def _predict_fixed_batches(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model``'s inference outputs for x, every batch exactly ``batch_size`` rows.
+
+    A short last batch is padded with zero images and its padding dropped from the output, so
+    the compiled predict function sees one input shape and is traced once per process: a second
+    shape retraces the whole backbone (4-5 s for EfficientNetB3 on 2 cores, measured), and every
+    subset, view and chunk ends in a short batch. Inference is per image (BatchNormalization uses
+    its moving statistics), so the padding does not enter the real rows' outputs.
+    """
+    batch_size = max(1, int(batch_size))
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+        batch = x[start : start + batch_size]
+        n = batch.shape[0]
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype)])
+        parts.append(np.asarray(keras_numpy(model.predict_on_batch(batch)))[:n])
+    return np.concatenate(parts) if parts else np.zeros((0, *(int(v) for v in model.output.shape[1:])))
+
+
+def keras_numpy(value: Any) -> np.ndarray:
+    import keras
+
+    return keras.ops.convert_to_numpy(value)
 
 
 def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:

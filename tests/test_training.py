@@ -409,3 +409,19 @@ def test_image_batches_are_augmented_reproducibly_and_weighted():
     assert len(seen_views) > 1  # augmentation happened
     first.on_epoch_end()
     assert not all(np.array_equal(a[0], first[i][0]) for i, a in enumerate(batches))  # a new epoch reshuffles
+
+
+@pytest.mark.slow
+def test_fixed_batch_prediction_matches_keras_predict_and_drops_the_padding():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(1).uniform(0, 255, size=(11, 6, 6, 3)).astype("float32")
+    out = features._predict_fixed_batches(model, images, batch_size=4)  # batches of 4, 4, 3 (+1 padding)
+    assert out.shape == (11, 4)
+    np.testing.assert_allclose(out, model.predict(images, batch_size=4, verbose=0), rtol=1e-5, atol=1e-5)
+    assert features._predict_fixed_batches(model, images[:0], batch_size=4).shape == (0, 4)
