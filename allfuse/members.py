@@ -209,7 +209,8 @@ def train_member(job: MemberJob) -> dict[str, Any]:
     """Train one member and write its model, predictions, history and run record; return the record.
 
     The record (run.json) holds run_id, experiment_id, tracking_uri, dataset, backbone, seed,
-    fold, device, mode, deterministic, best_epoch, train_seconds and the resolved hyperparameters.
+    fold, device, mode, deterministic, best_epoch, train_seconds, tf_threads (TensorFlow intra-op
+    threads, None when left to TensorFlow) and the resolved hyperparameters.
     """
     from allfuse import gpu, tracking
 
@@ -273,9 +274,12 @@ def _train_and_log(
     from allfuse.models import configure_threads
     from allfuse.training import set_seed, train_finetune, train_head
 
-    configure_threads(job.threads)  # before any TensorFlow op starts its thread pools
+    # Before any TensorFlow op starts its thread pools. The count is recorded: on a CPU, results
+    # are bit-identical for the same thread count (convolutions sum in per-thread blocks).
+    tf_threads = configure_threads(job.threads)
     gpu.enable_memory_growth()
     set_seed(job.seed, job.deterministic)
+    run.set_tags({"allfuse.tf_threads": str(tf_threads or "default")})
     run.log_params({**settings, "seed": job.seed, "fold": job.fold, "deterministic": job.deterministic})
     run.log_dataset(
         name=f"{job.dataset}-split",
@@ -332,5 +336,6 @@ def _train_and_log(
         "deterministic": job.deterministic,
         "best_epoch": result.best_epoch,
         "train_seconds": round(seconds, 3),
+        "tf_threads": tf_threads,
         "hyperparameters": settings,
     }

@@ -452,5 +452,6 @@ def configure_threads(threads: int | None) -> int | None:
     except RuntimeError:  # TensorFlow already started its thread pools (a second job in one process)
         log.warning("TensorFlow was already running; cannot limit it to %s threads", intra)
         return None
+    log.info("TensorFlow threads: %d intra-op, %d inter-op", intra, max(1, min(2, intra)))
     return intra
 

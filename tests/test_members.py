@@ -297,6 +297,10 @@ def test_member_run_holds_the_full_provenance(head_member):
     assert json.loads(tags["allfuse.wildcards"]) == job.provenance["wildcards"]
     assert tags["allfuse.version"] == allfuse.__version__
     assert tags["allfuse.device"] == record["device"] == "cpu"
+    # The TensorFlow thread count (bit-identity on a CPU holds for the same count); None when
+    # TensorFlow was already running in this process and kept its own pools.
+    assert record["tf_threads"] in (None, 1, 2)  # the job asked for 2, capped at the host's cores
+    assert tags["allfuse.tf_threads"] == str(record["tf_threads"] or "default")
 
     # The split as an MLflow dataset input.
     datasets = run.inputs.dataset_inputs
