@@ -22,7 +22,7 @@ import numpy as np
 
 from allfuse import io
 from allfuse.errors import ConfigError, DataError
-from allfuse.models import build_backbone, configure_threads
+from allfuse.models import build_backbone, configure_threads, keras_numpy
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,6 @@ def _predict_fixed_batches(model: Any, x: np.ndarray, batch_size: int) -> np.nda
             batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype)])
         parts.append(np.asarray(keras_numpy(model.predict_on_batch(batch)))[:n])
     return np.concatenate(parts) if parts else np.zeros((0, *(int(v) for v in model.output.shape[1:])))
-
-
-def keras_numpy(value: Any) -> np.ndarray:
-    import keras
-
-    return keras.ops.convert_to_numpy(value)
 
 
 def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:

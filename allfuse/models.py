@@ -285,10 +285,17 @@ def forward(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> np.ndarr
     if keras.backend.backend() != "tensorflow":
         return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
     parts = [
-        keras.ops.convert_to_numpy(model(x[start : start + batch_size], training=False))
+        keras_numpy(model(x[start : start + batch_size], training=False))
         for start in range(0, x.shape[0], batch_size)
     ]
     return np.concatenate(parts)
+
+
+def keras_numpy(value: Any) -> np.ndarray:
+    """A backend tensor (a model's output) as a NumPy array."""
+    import keras
+
+    return keras.ops.convert_to_numpy(value)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

@@ -28,7 +28,15 @@ import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.features import dihedral, resize_batch
-from allfuse.models import backbone_network, build_head, build_hybrid, channel_stats, forward, set_feature_stats
+from allfuse.models import (
+    backbone_network,
+    build_head,
+    build_hybrid,
+    channel_stats,
+    forward,
+    keras_numpy,
+    set_feature_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +181,6 @@ def _predict_validation(model: Any, x: np.ndarray, batch_size: int) -> np.ndarra
         for start in range(0, x.shape[0], chunk)
     ]
     return np.concatenate(parts) if parts else np.zeros((0, 2))
-
-
-def keras_numpy(value: Any) -> np.ndarray:
-    import keras
-
-    return keras.ops.convert_to_numpy(value)
 
 
 def _epoch_callback(monitor: _Monitor, val_x: np.ndarray, val_y: np.ndarray, batch_size: int) -> Any:

@@ -15,29 +15,12 @@ from allfuse import members, tracking
 from allfuse.config import validate_config
 from allfuse.errors import AllfuseError, DataError
 from allfuse.io import read_csv, read_json, sha256_file, sha256_json, write_json
+from test_training import SETTINGS as TRAINING_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-HEAD_SETTINGS = {
-    "backbone": "mobilenetv2",
-    "input_size": 33,
-    "weights": None,
-    "mode": "head",
-    "gru_units": 8,
-    "bidirectional": False,
-    "head_norm": "standardize",
-    "dense_units": 16,
-    "dropout": 0.1,
-    "optimizer": "adam",
-    "learning_rate": 0.01,
-    "batch_size": 16,
-    "epochs": 3,
-    "patience": 5,
-    "class_weights": True,
-    "augment_views": 1,
-    "warmup_epochs": 0,
-    "unfreeze_layers": 6,
-}
+# The tiny MobileNetV2 head of the training tests, trained a little longer, one view per image.
+HEAD_SETTINGS = {**TRAINING_SETTINGS, "head_norm": "standardize", "epochs": 3, "patience": 5, "augment_views": 1}
 TUNED = {"dense_units": 8, "learning_rate": 0.02}
 N_SUBSET = {"train": 24, "val": 8, "test": 8}
 
@@ -162,6 +145,15 @@ def make_job(folder: Path, inputs: dict[str, str], parent: str, settings: dict, 
 def member_runs(store: dict[str, str]) -> list:
     c = tracking.client(store["uri"])
     return [r for r in c.search_runs([store["experiment_id"]]) if r.data.tags.get("allfuse.level") == "member"]
+
+
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member job sees no GPU and no preset tracking URI or CUDA_VISIBLE_DEVICES."""
+    from allfuse import gpu
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpu, "count_gpus", lambda: 0)
 
 
 @pytest.fixture(scope="module")
@@ -321,11 +313,9 @@ def test_test_images_never_reach_training(head_member):
 
 @pytest.mark.slow
 def test_failed_member_is_marked_failed_and_leaves_nothing_finished(tmp_path, monkeypatch):
-    from allfuse import gpu, training
+    from allfuse import training
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(gpu, "count_gpus", lambda: 0)
+    cpu_only(monkeypatch)
     inputs = head_inputs(tmp_path)
     store, parent = tracking_store(tmp_path)
     job = make_job(tmp_path, inputs, parent, {**HEAD_SETTINGS, "epochs": 1})
@@ -343,9 +333,7 @@ def test_failed_member_is_marked_failed_and_leaves_nothing_finished(tmp_path, mo
     assert failed.info.status == "FAILED"
     assert failed.data.tags["mlflow.parentRunId"] == read_json(parent)["run_id"]
     monkeypatch.undo()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(gpu, "count_gpus", lambda: 0)
+    cpu_only(monkeypatch)
 
     # 2. A crash after the outputs were written (artifact upload): they are removed again.
     real_log = tracking.Run.log_artifact
@@ -428,11 +416,9 @@ def test_tunable_keys_agree_with_the_config_schema():
 def test_finetune_member_trains_one_epoch_from_the_image_cache(tmp_path, monkeypatch):
     import keras
 
-    from allfuse import gpu, training
+    from allfuse import training
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(gpu, "count_gpus", lambda: 0)
+    cpu_only(monkeypatch)
     inputs = finetune_inputs(tmp_path)
     store, parent = tracking_store(tmp_path)
     settings = {**HEAD_SETTINGS, "mode": "finetune", "epochs": 1, "batch_size": 8, "warmup_epochs": 0}
