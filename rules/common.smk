@@ -142,6 +142,13 @@ def member_dirs(dataset, backbone):
 
 def tf_threads(wildcards, threads):
     """Resource `tf_threads`: the TensorFlow threads of a compute job, its share of this host
-    (allfuse.gpu.thread_share); a resource, not a param, so it never triggers a rerun.
+    (allfuse.gpu.thread_share); a resource, not a param, so it never triggers a rerun. A job
+    sent to a cluster owns the cores it asked for: there it is `threads`.
     """
-    return thread_share(threads, workflow.cores)
+    if workflow.remote_exec or not workflow.local_exec:
+        return threads
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores given (e.g. only --jobs)
+        cores = None
+    return thread_share(threads, cores)
