@@ -451,14 +451,16 @@ def configure_threads(threads: int | None) -> int | None:
         return None
     import tensorflow as tf
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    intra = max(1, min(int(threads), cores))
+    from allfuse.gpu import host_cores
+
+    intra = max(1, min(int(threads), host_cores()))
+    inter = min(2, intra)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, intra)))
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:  # TensorFlow already started its thread pools (a second job in one process)
         log.warning("TensorFlow was already running; cannot limit it to %s threads", intra)
         return None
-    log.info("TensorFlow threads: %d intra-op, %d inter-op", intra, max(1, min(2, intra)))
+    log.info("TensorFlow threads: %d intra-op, %d inter-op", intra, inter)
     return intra
 

@@ -168,21 +168,6 @@ def _validation_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def _predict_validation(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Validation probabilities (N, 2), float64, by ``predict_on_batch``.
-
-    Called once per epoch on the same arrays: ``predict`` would build a data iterator each time,
-    which measured 0.17-0.21 s per epoch of head training (benchmarks/bench_training_loop.py).
-    Feature maps (spatial side < 32) go in chunks of PREDICT_CHUNK, images in training batches.
-    """
-    chunk = PREDICT_CHUNK if x.ndim == 4 and x.shape[1] < 32 else batch_size
-    parts = [
-        np.asarray(keras_numpy(model.predict_on_batch(x[start : start + chunk])), dtype=np.float64)
-        for start in range(0, x.shape[0], chunk)
-    ]
-    return np.concatenate(parts) if parts else np.zeros((0, 2))
-
-
 def _epoch_callback(monitor: _Monitor, val_x: np.ndarray, val_y: np.ndarray, batch_size: int) -> Any:
     """A Keras callback adding validation metrics and the learning rate to the epoch's logs,
     keeping the history and the best weights (early stopping on val_loss), before any other
@@ -200,7 +185,7 @@ def _epoch_callback(monitor: _Monitor, val_x: np.ndarray, val_y: np.ndarray, bat
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs if logs is not None else {}
-            logs.update(_validation_metrics(_predict_validation(self.model, val_x, batch_size), val_y))
+            logs.update(_validation_metrics(_predict(self.model, val_x, batch_size), val_y))
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row: dict[str, Any] = {"epoch": epoch + 1, "phase": monitor.phase}
             for key in ("loss", "val_loss", "accuracy", "val_accuracy", "val_auc", "learning_rate"):
@@ -475,24 +460,27 @@ def predict_probs(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray
 
 
 def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Model outputs for x in batches of ``batch_size``, float64; uint8 images are resized in
-    chunks of PREDICT_CHUNK rows.
+    """Model outputs for x, float64, by ``predict_on_batch``: the per-epoch validation pass and
+    the final predictions alike.
 
-    ``predict_on_batch`` runs the same compiled predict function as ``predict`` on the same
-    batches, without building a data iterator per call (about 0.2-0.5 s each on a CPU).
+    ``predict`` would build a data iterator on every call, which measured 0.17-0.21 s per epoch
+    of head training (benchmarks/bench_training_loop.py). Feature maps (spatial side < 32) go in
+    batches of PREDICT_CHUNK; images in training batches, uint8 ones resized PREDICT_CHUNK rows at
+    a time.
     """
     x = np.asarray(x)
     if x.shape[0] == 0:
         out_shape = tuple(int(v) for v in model.output.shape[1:])
         return np.zeros((0, *out_shape))
-    size = model.input.shape[1]
-    batch_size = max(1, int(batch_size))
+    size = int(model.input.shape[1])
+    feature_maps = x.dtype != np.uint8 and x.ndim == 4 and x.shape[1] < 32
+    step = PREDICT_CHUNK if feature_maps else max(1, int(batch_size))
     parts = []
     for start in range(0, x.shape[0], PREDICT_CHUNK):
         block = x[start : start + PREDICT_CHUNK]
         if block.dtype == np.uint8:
-            block = resize_batch(block, int(size))
-        for first in range(0, block.shape[0], batch_size):
-            out = model.predict_on_batch(block[first : first + batch_size])
+            block = resize_batch(block, size)
+        for first in range(0, block.shape[0], step):
+            out = model.predict_on_batch(block[first : first + step])
             parts.append(np.asarray(keras_numpy(out), dtype=np.float64))
     return np.concatenate(parts)
