@@ -20,12 +20,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from allfuse import __version__
-from allfuse.io import sha256_file
+from allfuse.io import sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +391,41 @@ def start_parent_run(
         "experiment_id": experiment_id(store["uri"], store["experiment"]),
         "tracking_uri": store["uri"],
     }
+
+
+def start_ensemble_runs(
+    store: Mapping[str, str],
+    outputs: Mapping[tuple[str, str], str],
+    data: Mapping[str, Mapping[str, str]],
+    seeds: Sequence[int],
+    config: Mapping[str, Any],
+    rule: str = "init_tracking",
+) -> dict[tuple[str, str], dict[str, str]]:
+    """One parent run per (dataset, backbone) ensemble, each written to its ``outputs`` file.
+
+    ``data`` maps each dataset to the files its runs hash as provenance (manifest, split). Member
+    runs in other processes nest under these runs through the ids in the files.
+    """
+    config_hash = sha256_json(dict(config))
+    parents = {}
+    for (dataset, backbone), out in outputs.items():
+        tags = provenance_tags(
+            rule=rule,
+            wildcards={"dataset": dataset, "backbone": backbone},
+            config_hash=config_hash,
+            inputs=dict(data[dataset]),
+        )
+        tags |= {
+            "allfuse.level": "ensemble",
+            "allfuse.dataset": dataset,
+            "allfuse.backbone": backbone,
+            "allfuse.seeds": list(seeds),
+        }
+        parent = start_parent_run(store, f"ensemble-{dataset}-{backbone}", tags, config=config)
+        write_json(out, parent)
+        log.info("parent run %s for %s/%s", parent["run_id"], dataset, backbone)
+        parents[(dataset, backbone)] = parent
+    return parents
 
 
 def log_config(run: Run, config: Mapping[str, Any]) -> None:

@@ -54,6 +54,33 @@ def test_child_runs_nest_under_parent_and_end_with_status(store):
     assert c.get_run(bad.run_id).info.status == "FAILED"
 
 
+def test_one_parent_run_per_ensemble_with_its_data_hashes(store, tmp_path):
+    data = {}
+    for dataset in ("ALL_IDB1", "ALL_IDB2"):
+        manifest, split = tmp_path / f"{dataset}.csv", tmp_path / f"{dataset}.json"
+        manifest.write_text(f"image_id\n{dataset}\n")
+        split.write_text(json.dumps({"dataset": dataset}))
+        data[dataset] = {"manifest": str(manifest), "split": str(split)}
+    outputs = {(d, b): str(tmp_path / d / b / "parent_run.json") for d in data for b in ("mobilenetv2", "inceptionv3")}
+    parents = tracking.start_ensemble_runs(store, outputs, data, [1, 2], {"datasets": list(data)})
+    assert set(parents) == set(outputs)
+    c = tracking.client(store["uri"])
+    for (dataset, backbone), out in outputs.items():
+        written = json.loads(open(out).read())
+        assert written == parents[(dataset, backbone)] and written["tracking_uri"] == store["uri"]
+        run = c.get_run(written["run_id"])
+        assert run.info.run_name == f"ensemble-{dataset}-{backbone}"
+        tags = run.data.tags
+        assert (tags["allfuse.level"], tags["allfuse.dataset"], tags["allfuse.backbone"]) == (
+            "ensemble",
+            dataset,
+            backbone,
+        )
+        assert tags["allfuse.rule"] == "init_tracking"
+        assert tags["allfuse.sha256.split"] == tracking.sha256_file(data[dataset]["split"])
+    assert len({p["run_id"] for p in parents.values()}) == len(outputs)
+
+
 def test_dead_run_of_same_job_is_marked_killed(store):
     # A run whose owner process is gone (as after SIGKILL) is reaped when the same job starts again.
     job_tags = {tracking.JOB_TAG: "train_member/ALL_IDB2/mobilenetv2/1"}

@@ -2,35 +2,22 @@
 
 from _common import run, standalone
 
-from allfuse.io import sha256_json, write_json
-from allfuse.tracking import init_tracking, provenance_tags, start_parent_run
+from allfuse.io import write_json
+from allfuse.tracking import init_tracking, start_ensemble_runs
 
 
 def main(smk, log):
     store = init_tracking(smk.params.tracking)
     write_json(smk.output.store, store)
     log.info("MLflow store %s, experiment %s (id %s)", store["uri"], store["experiment"], store["experiment_id"])
-    config_hash = sha256_json(dict(smk.config))
-    data = dict(zip(smk.params.datasets, zip(smk.input.manifests, smk.input.splits, strict=True), strict=True))
-    pairs = [(d, b) for d in smk.params.datasets for b in smk.params.backbones]  # the order of expand()
-    for (dataset, backbone), out in zip(pairs, smk.output.parents, strict=True):
-        manifest, split = data[dataset]
-        wildcards = {"dataset": dataset, "backbone": backbone}
-        tags = provenance_tags(
-            rule="init_tracking",
-            wildcards=wildcards,
-            config_hash=config_hash,
-            inputs={"manifest": manifest, "split": split},
-        )
-        tags |= {
-            "allfuse.level": "ensemble",
-            "allfuse.dataset": dataset,
-            "allfuse.backbone": backbone,
-            "allfuse.seeds": list(smk.params.seeds),
-        }
-        parent = start_parent_run(store, f"ensemble-{dataset}-{backbone}", tags, config=dict(smk.config))
-        write_json(out, parent)
-        log.info("parent run %s for %s/%s", parent["run_id"], dataset, backbone)
+    datasets, backbones = smk.params.datasets, smk.params.backbones
+    data = {
+        dataset: {"manifest": manifest, "split": split}
+        for dataset, manifest, split in zip(datasets, smk.input.manifests, smk.input.splits, strict=True)
+    }
+    pairs = [(dataset, backbone) for dataset in datasets for backbone in backbones]  # the order of expand()
+    outputs = dict(zip(pairs, smk.output.parents, strict=True))
+    start_ensemble_runs(store, outputs, data, smk.params.seeds, dict(smk.config))
 
 
 if __name__ == "__main__":
