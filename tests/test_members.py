@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +313,44 @@ def test_test_images_never_reach_training(head_member):
     assert seen["train"] == set(split["train"]) and seen["val"] == set(split["val"])
     assert not (seen["train"] | seen["val"]) & set(split["test"])
     assert seen["deterministic"] is True  # the member's determinism setting reaches training
+
+
+@pytest.mark.slow
+def test_four_members_started_at_once_on_one_store_all_succeed(tmp_path):
+    """As four train_member jobs of one ensemble starting together on the store init_tracking made."""
+    inputs = head_inputs(tmp_path)
+    store, parent = tracking_store(tmp_path)
+    jobs = []
+    for seed in (1, 2, 3, 4):
+        job = make_job(tmp_path / f"seed{seed}", inputs, parent, HEAD_SETTINGS)
+        job = dataclasses.replace(job, seed=seed, lock_dir=str(tmp_path / "locks"), threads=1)
+        path = tmp_path / f"job{seed}.json"
+        write_json(path, dataclasses.asdict(job))
+        jobs.append(path)
+    code = (
+        "import json, sys\n"
+        "from allfuse import members\n"
+        "job = members.MemberJob(**json.load(open(sys.argv[1])))\n"
+        "print(members.train_member(job)['run_id'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CUDA_VISIBLE_DEVICES")}
+    env["ALLFUSE_GPU_JOBS"] = "0"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for path in jobs
+    ]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    run_ids = {out.strip().splitlines()[-1] for out, _ in results}
+    finished = {r.info.run_id: r for r in member_runs(store)}
+    assert run_ids == set(finished) and len(run_ids) == 4
+    assert {r.info.status for r in finished.values()} == {"FINISHED"}
+    assert {r.data.tags["allfuse.seed"] for r in finished.values()} == {"1", "2", "3", "4"}
+    for seed in (1, 2, 3, 4):
+        assert (tmp_path / f"seed{seed}" / "member" / "run.json").is_file()
 
 
 @pytest.mark.slow
