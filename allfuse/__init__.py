@@ -1,6 +1,6 @@
 """allfuse: hybrid CNN-GRU leukaemia detection on ALL-IDB, as a reproducible experiment library.
 
-Modules import downward only: ``io`` and ``errors`` at the bottom, then data handling
+Modules import downward only: ``files`` and ``errors`` at the bottom, then data handling
 (``archive``, ``data``, ``synthetic``, ``splits``), then modelling (``models``, ``features``,
 ``training``, ``tuning``), then results (``uncertainty``, ``fusion``, ``metrics``, ``evaluation``,
 ``plots``); ``tracking`` and ``gpu`` are leaves used by the workflow adapters. Nothing here imports

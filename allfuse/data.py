@@ -34,7 +34,7 @@ import numpy as np
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
 from allfuse.config import ARCHIVES
 from allfuse.errors import DataError
-from allfuse.io import atomic_path, read_csv, save_npy, sha256_array, sha256_bytes, write_csv
+from allfuse.files import atomic_path, read_csv, save_npy, sha256_array, sha256_bytes, write_csv
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.fusion import RULES, fuse, fuse_members, validation_weights
-from allfuse.io import PathLike, read_csv, read_json, sha256_json, write_csv, write_json, write_text
+from allfuse.files import PathLike, read_csv, read_json, sha256_json, write_csv, write_json, write_text
 from allfuse.metrics import (
     DEFAULT_REFERRAL_FRACTIONS,
     METRIC_COLUMNS,

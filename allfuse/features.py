@@ -20,55 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from allfuse import io
+from allfuse import files
 from allfuse.errors import ConfigError, DataError
+from allfuse.images import N_VIEWS, dihedral, resize_batch
 from allfuse.models import build_backbone, configure_threads, keras_numpy
 
 log = logging.getLogger(__name__)
 
-N_VIEWS = 8
 FEATURE_ARRAYS = ("x", "y", "ids", "view")
 SUBSETS = ("train", "val", "test")
-
-
-def dihedral(images: np.ndarray, view: int) -> np.ndarray:
-    """One of the 8 symmetries of the square applied to images (N, H, W, C); same dtype.
-
-    view 0 = identity; 1, 2, 3 = rotation by 90, 180, 270 degrees (counter-clockwise);
-    4 = left-right mirror; 5, 6, 7 = mirror then rotation by 90, 180, 270 degrees.
-    Views 1..7 are the 7 non-identity elements, in this fixed order. For non-square images,
-    odd rotations swap H and W.
-    """
-    if not 0 <= int(view) < N_VIEWS:
-        raise ValueError(f"view must be in 0..7, got {view}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
-    out = images[:, :, ::-1] if view >= 4 else images
-    out = np.rot90(out, k=int(view) % 4, axes=(1, 2))
-    return np.ascontiguousarray(out)
-
-
-def resize_batch(images_uint8: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 RGB images (N, H, W, 3) to float32 (N, size, size, 3) in 0-255.
-
-    Bilinear with antialiasing (Pillow), so downscaling averages rather than skips pixels; the
-    same function serves feature extraction, fine-tuning batches and prediction. Images already
-    at ``size`` are only cast.
-    """
-    from PIL import Image
-
-    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
-        raise ValueError(f"images must be (N, H, W, 3), got shape {images_uint8.shape}")
-    if images_uint8.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 0-255, got {images_uint8.dtype}")
-    n, height, width, _ = images_uint8.shape
-    if (height, width) == (size, size):
-        return images_uint8.astype(np.float32)
-    out = np.empty((n, size, size, 3), dtype=np.float32)
-    for i in range(n):
-        img = Image.fromarray(images_uint8[i])
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    return out
 
 
 def _views_for(subset: str, augment_views: int) -> list[int]:
@@ -162,7 +122,7 @@ def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     missing = [k for k in FEATURE_ARRAYS if k not in arrays]
     if missing:
         raise ValueError(f"feature arrays lack {missing}")
-    io.save_npz(
+    files.save_npz(
         path,
         x=np.asarray(arrays["x"], dtype=np.float16),
         y=np.asarray(arrays["y"], dtype=np.int64),
@@ -213,7 +173,7 @@ def extract_dataset_features(
     """
     from allfuse import gpu
     from allfuse.data import load_images, read_manifest
-    from allfuse.io import read_json
+    from allfuse.files import read_json
     from allfuse.splits import fold_ids
 
     slot = gpu.acquire_gpu(lock_dir)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import AllfuseError, DataError
-from allfuse.io import read_json, sha256_file, sha256_json, write_csv, write_json
+from allfuse.files import read_json, sha256_file, sha256_json, write_csv, write_json
 from allfuse.tuning import TUNABLE  # one list of tunable keys for the study and its consumers
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _train_and_log(
     job: MemberJob, settings: dict[str, Any], split: Mapping[str, Any], slot: Any, run: Any
 ) -> dict[str, Any]:
     from allfuse import gpu, tracking
-    from allfuse.io import atomic_path
+    from allfuse.files import atomic_path
     from allfuse.models import configure_threads
     from allfuse.training import set_seed, train_finetune, train_head
 

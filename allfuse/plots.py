@@ -16,7 +16,7 @@ import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.evaluation import Predictions, load_dataset_models
-from allfuse.io import PathLike, atomic_path, read_json
+from allfuse.files import PathLike, atomic_path, read_json
 from allfuse.metrics import DEFAULT_REFERRAL_FRACTIONS, confusion, ece, referral_curve, reliability, roc_auc
 from allfuse.uncertainty import predict_labels
 

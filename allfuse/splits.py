@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import AllfuseError, ConfigError, DataError
-from allfuse.io import PathLike, read_csv
+from allfuse.files import PathLike, read_csv
 
 logger = logging.getLogger(__name__)
 

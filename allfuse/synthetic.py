@@ -46,7 +46,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from allfuse import io as aio
+from allfuse import files as aio
 from allfuse.errors import ConfigError
 
 GENERATOR_VERSION = "1"

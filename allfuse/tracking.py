@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from allfuse import __version__
-from allfuse.io import sha256_file, sha256_json, write_json
+from allfuse.files import sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import ConfigError, DataError
-from allfuse.features import dihedral, resize_batch
+from allfuse.images import dihedral, resize_batch
 from allfuse.models import (
     backbone_network,
     build_head,

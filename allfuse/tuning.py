@@ -54,7 +54,7 @@ import numpy as np
 
 from allfuse import tracking
 from allfuse.errors import AllfuseError, ConfigError, DataError
-from allfuse.io import read_json, sha256_array, sha256_json, write_csv, write_json
+from allfuse.files import read_json, sha256_array, sha256_json, write_csv, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna

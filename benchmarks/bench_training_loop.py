@@ -390,7 +390,7 @@ def run_ft_bare(
     sample weights) prepared by that many PyDataset workers (allfuse uses 1)."""
     import keras
 
-    from allfuse.features import resize_batch
+    from allfuse.images import resize_batch
     from allfuse.models import build_hybrid
     from allfuse.training import (
         FINETUNE_LR_FACTOR,

@@ -32,7 +32,7 @@ from allfuse.data import (
     write_dataset,
 )
 from allfuse.errors import DataError
-from allfuse.io import read_csv, sha256_array, sha256_file
+from allfuse.files import read_csv, sha256_array, sha256_file
 
 BIG = 60_000_000  # the config default of data.max_pixels
 

@@ -17,7 +17,7 @@ import pytest
 from allfuse import evaluation as ev
 from allfuse.errors import DataError
 from allfuse.fusion import RULES, fuse, validation_weights
-from allfuse.io import read_csv, read_json, write_csv, write_json
+from allfuse.files import read_csv, read_json, write_csv, write_json
 from allfuse.metrics import METRIC_COLUMNS, wilson_interval
 from allfuse.uncertainty import decompose
 

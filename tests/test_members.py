@@ -18,7 +18,7 @@ import allfuse
 from allfuse import members, tracking
 from allfuse.config import validate_config
 from allfuse.errors import AllfuseError, DataError
-from allfuse.io import read_csv, read_json, sha256_file, sha256_json, write_json
+from allfuse.files import read_csv, read_json, sha256_file, sha256_json, write_json
 from test_training import SETTINGS as TRAINING_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from allfuse.errors import AllfuseError, ConfigError, DataError
-from allfuse.io import dumps_json
+from allfuse.files import dumps_json
 from allfuse.splits import (
     fold_ids,
     make_split,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from allfuse import synthetic
 from allfuse.errors import ConfigError
-from allfuse.io import read_csv, sha256_array
+from allfuse.files import read_csv, sha256_array
 from allfuse.synthetic import DemoSpec, make_demo_archives, render_cell_crop, render_smear
 
 NAME = re.compile(r"^Im\d{3}_[01]\.(jpg|xyc|tif)$")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from allfuse import features, training
+from allfuse.images import dihedral, resize_batch
 from allfuse.errors import ConfigError, DataError
 
 SETTINGS = {
@@ -50,7 +51,7 @@ def separable_features(n: int, seed: int, shape=(2, 2, 12)) -> dict[str, np.ndar
 
 def test_dihedral_views_are_the_eight_distinct_symmetries_in_fixed_order():
     img = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    views = [features.dihedral(img, v) for v in range(8)]
+    views = [dihedral(img, v) for v in range(8)]
     np.testing.assert_array_equal(views[0], img)
     np.testing.assert_array_equal(views[1], np.rot90(img, 1, axes=(1, 2)))
     np.testing.assert_array_equal(views[2], img[:, ::-1, ::-1])
@@ -61,24 +62,24 @@ def test_dihedral_views_are_the_eight_distinct_symmetries_in_fixed_order():
         assert v.dtype == img.dtype and v.flags.c_contiguous
         np.testing.assert_array_equal(np.sort(v.ravel()), np.sort(img.ravel()))
     # Rotations undo each other; mirrors are their own inverse.
-    np.testing.assert_array_equal(features.dihedral(views[1], 3), img)
+    np.testing.assert_array_equal(dihedral(views[1], 3), img)
     for v in range(4, 8):
-        np.testing.assert_array_equal(features.dihedral(views[v], v), img)
+        np.testing.assert_array_equal(dihedral(views[v], v), img)
     with pytest.raises(ValueError):
-        features.dihedral(img, 8)
+        dihedral(img, 8)
 
 
 def test_resize_batch_gives_float_0_255_at_the_requested_size():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
-    out = features.resize_batch(imgs, 20)
+    out = resize_batch(imgs, 20)
     assert out.shape == (3, 20, 20, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 255.0
-    np.testing.assert_array_equal(features.resize_batch(imgs, 40), imgs.astype(np.float32))
+    np.testing.assert_array_equal(resize_batch(imgs, 40), imgs.astype(np.float32))
     flat = np.full((1, 40, 40, 3), 77, dtype=np.uint8)
-    np.testing.assert_array_equal(features.resize_batch(flat, 33), 77.0)
+    np.testing.assert_array_equal(resize_batch(flat, 33), 77.0)
     with pytest.raises(ValueError, match="uint8"):
-        features.resize_batch(imgs.astype(np.float32), 20)
+        resize_batch(imgs.astype(np.float32), 20)
 
 
 # --------------------------------------------------------------------------- training utilities
@@ -125,7 +126,7 @@ def test_save_and_load_features_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp_path, monkeypatch):
-    from allfuse import io, models
+    from allfuse import files, models
     from allfuse.data import MANIFEST_COLUMNS
 
     monkeypatch.setattr("allfuse.gpu.count_gpus", lambda: 0)
@@ -142,18 +143,18 @@ def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp
             "width": 40,
             "height": 40,
             "sha256_file": "",
-            "sha256_pixels": io.sha256_array(images[i]),
+            "sha256_pixels": files.sha256_array(images[i]),
             "blast_count": None,
             "archive_path": f"ALL_IDB2/img/{image_id[9:]}.tif",
             "synthetic": 1,
         }
         for i, image_id in enumerate(ids)
     ]
-    io.write_csv(tmp_path / "manifest.csv", manifest, MANIFEST_COLUMNS)
-    io.save_npy(tmp_path / "images.npy", images)
+    files.write_csv(tmp_path / "manifest.csv", manifest, MANIFEST_COLUMNS)
+    files.save_npy(tmp_path / "images.npy", images)
     # The split lists ids sorted, not in manifest order: rows must follow the split.
     fold = {"fold": 0, "repeat": 0, "train": sorted(ids[:6]), "val": [ids[7], ids[6]], "test": ids[8:]}
-    io.write_json(tmp_path / "split.json", {"dataset": "ALL_IDB2", "protocol": "paper", "folds": [fold]})
+    files.write_json(tmp_path / "split.json", {"dataset": "ALL_IDB2", "protocol": "paper", "folds": [fold]})
     outputs = {subset: tmp_path / "features" / f"{subset}.npz" for subset in ("train", "val", "test")}
     counts = features.extract_dataset_features(
         tmp_path / "manifest.csv",
@@ -402,7 +403,7 @@ def test_image_batches_are_augmented_reproducibly_and_weighted():
                 (i, v)
                 for i in range(10)
                 for v in range(8)
-                if np.array_equal(features.dihedral(images[i : i + 1], v)[0], row)
+                if np.array_equal(dihedral(images[i : i + 1], v)[0], row)
             ]
             assert matches
             seen_views.add(matches[0][1])

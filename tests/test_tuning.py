@@ -25,7 +25,7 @@ import pytest
 from allfuse import tuning
 from allfuse.errors import AllfuseError, ConfigError
 from allfuse.features import save_features
-from allfuse.io import read_csv, read_json, write_csv, write_json
+from allfuse.files import read_csv, read_json, write_csv, write_json
 from allfuse.members import TUNABLE, resolve_hyperparameters
 
 SETTINGS = {
@@ -376,7 +376,7 @@ def test_a_locked_study_is_refused(tmp_path):
 
 def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path):
     from allfuse.data import MANIFEST_COLUMNS
-    from allfuse.io import save_npy
+    from allfuse.files import save_npy
 
     ids = [f"ALL_IDB2/Im{i:03d}_{i % 2}" for i in range(12)]
     rows = [

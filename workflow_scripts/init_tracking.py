@@ -2,7 +2,7 @@
 
 from _common import run, standalone
 
-from allfuse.io import write_json
+from allfuse.files import write_json
 from allfuse.tracking import init_tracking, start_ensemble_runs
 
 

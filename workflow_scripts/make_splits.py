@@ -3,7 +3,7 @@
 from _common import run, standalone
 
 from allfuse.data import read_manifest
-from allfuse.io import write_json
+from allfuse.files import write_json
 from allfuse.splits import make_split, read_groups_csv, split_summary
 
 

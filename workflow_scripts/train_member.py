@@ -2,7 +2,7 @@
 
 from _common import compute_threads, run, standalone
 
-from allfuse.io import sha256_json
+from allfuse.files import sha256_json
 from allfuse.members import MemberJob, train_member
 
 
