@@ -3,7 +3,7 @@
 # Rules live in rules/*.smk; all logic lives in the allfuse library; see docs/ARCHITECTURE.md.
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -11,7 +11,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-# A clear one-line-per-key message first; then Snakemake's own validation fills the defaults.
+# Validated once, against schemas/config.schema.yaml: one line per bad key, defaults filled in.
 try:
     from allfuse.config import validate_config
     from allfuse.errors import ConfigError
@@ -24,7 +24,6 @@ try:
     validate_config(config)
 except ConfigError as exc:
     raise WorkflowError(str(exc))
-validate(config, "schemas/config.schema.yaml")
 
 
 report: "report/workflow.rst"

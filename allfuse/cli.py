@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allfuse import __version__
-from allfuse.config import ARCHIVES, load_schema
+from allfuse.config import load_schema
 from allfuse.errors import AllfuseError, DataError
+from allfuse.settings import ARCHIVES
 
 
 def _default_max_pixels() -> int:
@@ -93,7 +94,7 @@ def _make_demo_archives(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from allfuse.data import scan_all, summarise
+    from allfuse.ingest import scan_all, summarise
 
     max_pixels = args.max_pixels if args.max_pixels is not None else _default_max_pixels()
     scans = scan_all(args.archive, max_pixels, which=args.which)

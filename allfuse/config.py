@@ -1,14 +1,18 @@
-"""Configuration: schema validation with clear messages, defaults, and per-rule subsections.
+"""Configuration: validation against ``schemas/config.schema.yaml``, with clear messages and defaults.
 
-The Snakefile validates the whole config once at start-up. Rules then receive only the slice of
-the config they depend on (``backbone_settings``, ``feature_settings``...), so Snakemake's params
-trigger reruns exactly the jobs whose settings changed: editing one backbone's block reruns that
-backbone's subtree only, and tracking keys reach no training rule.
+The schema is the one statement of every config fact (keys, types, enums, ranges, defaults,
+backbone minimum input sizes); this module checks a config against it once, at start-up, fills the
+defaults, and adds the cross-key rules a JSON schema cannot express (search-space values checked
+against the setting they tune, ranges, inherited input sizes). Every problem is one line naming
+its key, with the closest allowed key for a misspelling. ``allfuse.settings`` then turns the
+validated config into typed, frozen settings; nothing validates config after this.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,13 +25,8 @@ from jsonschema import Draft202012Validator, validators
 from allfuse.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-ARCHIVES = ("ALL_IDB1", "ALL_IDB2")
-DATASETS = ("ALL_IDB1", "ALL_IDB2", "combined")
-BACKBONES = ("inceptionv3", "efficientnetb3", "mobilenetv2")
-
-# Hybrid keys that determine the cached feature maps of head mode; anything else (head sizes,
-# optimiser, epochs) can change without re-extracting features.
-FEATURE_KEYS = ("weights", "input_size", "augment_views")
+#: Tunable settings that act only when the backbone trains (finetune mode); head mode drops them.
+FINETUNE_ONLY = ("unfreeze_layers",)
 
 
 # libyaml's safe loader when PyYAML was built with it (8x faster on the schema: this runs at
@@ -35,9 +34,15 @@ FEATURE_KEYS = ("weights", "input_size", "augment_views")
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_schema(path: Path | str | None = None) -> dict[str, Any]:
-    with open(path or SCHEMA_PATH, encoding="utf-8") as fh:
+@functools.cache
+def _schema_at(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
         return yaml.load(fh, Loader=_SafeLoader)  # noqa: S506 (a safe loader)
+
+
+def load_schema(path: Path | str | None = None) -> dict[str, Any]:
+    """The config schema as a fresh mapping (read once per process, copied per call)."""
+    return copy.deepcopy(_schema_at(str(path or SCHEMA_PATH)))
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -130,10 +135,14 @@ def _describe(error: jsonschema.ValidationError, root: Mapping[str, Any] | None 
             return None
         names = ", ".join(repr(k) for k in extra) or error.message
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"unknown config key {names} {scope}{hint} (check the spelling)"
+        return f"unknown config key {names} {scope}{_did_you_mean(extra, allowed)}{hint} (check the spelling)"
     if "propertyNames" in error.schema_path and error.validator == "enum":
-        allowed = ", ".join(map(str, error.validator_value))
-        return f"unknown config key {error.instance!r} {scope}; allowed keys: {allowed} (check the spelling)"
+        allowed_names = [str(v) for v in error.validator_value]
+        guess = _did_you_mean([str(error.instance)], allowed_names)
+        return (
+            f"unknown config key {error.instance!r} {scope}{guess}; allowed keys: {', '.join(allowed_names)} "
+            "(check the spelling)"
+        )
     if error.validator == "propertyNames":
         return f"config key '{where}': {error.message}"
     if error.validator == "type":
@@ -154,6 +163,28 @@ def _describe(error: jsonschema.ValidationError, root: Mapping[str, Any] | None 
     return f"config key '{where}' is invalid: {error.message}"
 
 
+def _strictest_bounds(errors: Any) -> list[jsonschema.ValidationError]:
+    """The errors sorted by key, one ``minimum`` error per key: where two schemas bound one key
+    (the shared hybrid minimum and a backbone's own), the stricter says it all."""
+    kept: dict[tuple, jsonschema.ValidationError] = {}
+    others = []
+    for error in errors:
+        path = tuple(map(str, error.absolute_path))
+        if error.validator != "minimum":
+            others.append(error)
+        elif path not in kept or error.validator_value > kept[path].validator_value:
+            kept[path] = error
+    return sorted([*others, *kept.values()], key=lambda e: (list(map(str, e.absolute_path)), e.message))
+
+
+def _did_you_mean(given: list[str], allowed: list[str]) -> str:
+    """" (did you mean 'x'?)" for the allowed names closest to the misspelt ones; "" when none is close."""
+    guesses = [m for name in given for m in difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)]
+    if not guesses:
+        return ""
+    return " (did you mean " + " or ".join(f"'{g}'" for g in dict.fromkeys(guesses)) + "?)"
+
+
 def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate ``config`` in place against the schema, fill defaults, and return it.
 
@@ -161,31 +192,123 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
     """
     schema = dict(schema or load_schema())
     validator = _with_defaults(Draft202012Validator)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    errors = _strictest_bounds(validator.iter_errors(config))
     if errors:
         lines = sorted({line for e in errors if (line := _describe(e, schema))})
         # An echo-only error list cannot happen with a well-formed schema; never pass silently.
         lines = lines or sorted({e.message for e in errors})
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {line}" for line in lines))
-    _check_semantics(config)
+    _check_semantics(config, schema)
     return config
 
 
-def _check_semantics(config: Mapping[str, Any]) -> None:
-    """Cross-key rules a JSON schema cannot express."""
-    problems: list[str] = []
+def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    """Cross-key rules a JSON schema cannot express; ConfigError with one line per problem."""
+    problems = _check_input_sizes(config, schema) + _check_search_spaces_used(config)
     spaces = {"tune.search_space": config["tune"]["search_space"]}
     for name, block in config["backbones"].items():
         if "search_space" in block:
             spaces[f"backbones.{name}.search_space"] = block["search_space"]
+    settings_schema = schema["$defs"]["hybrid_settings"]["properties"]
     for where, space in spaces.items():
         for key, spec in space.items():
-            if "low" in spec and spec["low"] >= spec["high"]:
-                problems.append(f"config key '{where}.{key}': low ({spec['low']}) must be below high ({spec['high']})")
-            if spec.get("log") and "low" in spec and spec["low"] <= 0:
-                problems.append(f"config key '{where}.{key}': a log range needs low > 0, got {spec['low']}")
+            problems += _check_search_param(f"{where}.{key}", spec, settings_schema[key], schema)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def backbone_minimum(schema: Mapping[str, Any], backbone: str) -> int:
+    """The smallest input size (pixels) the schema allows for ``backbone``."""
+    block = schema["properties"]["backbones"]["properties"][backbone]
+    return int(block["properties"]["input_size"]["minimum"])
+
+
+def _check_input_sizes(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """A backbone that inherits hybrid.input_size must accept it (its own value the schema checks)."""
+    problems = []
+    inherited = int(config["hybrid"]["input_size"])
+    for backbone, block in config["backbones"].items():
+        minimum = backbone_minimum(schema, backbone)
+        if "input_size" not in block and inherited < minimum:
+            problems.append(
+                f"config key 'hybrid.input_size' ({inherited}) is below the minimum of backbone '{backbone}' "
+                f"({minimum} px), which inherits it: set backbones.{backbone}.input_size >= {minimum}"
+            )
+    return problems
+
+
+def _check_search_spaces_used(config: Mapping[str, Any]) -> list[str]:
+    """A study needs at least one hyperparameter its backbone's mode can tune."""
+    if config["tune"]["n_trials"] == 0:
+        return []
+    problems = []
+    for backbone, block in config["backbones"].items():
+        mode = block.get("mode", config["hybrid"]["mode"])
+        own = "search_space" in block
+        space = block["search_space"] if own else config["tune"]["search_space"]
+        usable = [k for k in space if mode == "finetune" or k not in FINETUNE_ONLY]
+        if not usable:
+            where = f"backbones.{backbone}.search_space" if own else "tune.search_space"
+            problems.append(
+                f"config key '{where}' leaves backbone '{backbone}' ({mode} mode) nothing to tune: give at least "
+                "one range it uses, or set tune.n_trials: 0 to skip tuning"
+            )
+    return problems
+
+
+def _resolved(node: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
+    """A property schema with its local ``$ref`` merged in (the property's own keywords win)."""
+    ref = node.get("$ref")
+    target = _resolve_ref(ref, root) if isinstance(ref, str) else None
+    return {**(target or {}), **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def search_kind(setting_schema: Mapping[str, Any], root: Mapping[str, Any]) -> str:
+    """How Optuna samples a hybrid setting: "int", "float" or "categorical" (booleans and enums)."""
+    resolved = _resolved(setting_schema, root)
+    if "enum" in resolved or resolved.get("type") == "boolean":
+        return "categorical"
+    return "int" if resolved.get("type") == "integer" else "float"
+
+
+def _check_search_param(at: str, spec: Mapping[str, Any], setting: Mapping[str, Any], root: Mapping[str, Any]) -> list[str]:
+    """Each value a search-space entry can produce must be a valid value of the setting it tunes."""
+    value_check = Draft202012Validator({**setting, "$defs": root["$defs"]})
+    kind = search_kind(setting, root)
+    if "choices" in spec:
+        extra = [k for k in ("log", "step") if k in spec]
+        if extra:
+            return [f"config key '{at}': give either choices or a range, not both (remove {', '.join(extra)})"]
+        problems = [
+            f"config key '{at}.choices[{i}]': {choice!r} is not a valid value ({next(iter(errors)).message})"
+            for i, choice in enumerate(spec["choices"])
+            if (errors := list(value_check.iter_errors(choice)))
+        ]
+        if len({(isinstance(c, bool), c) for c in spec["choices"]}) != len(spec["choices"]):  # 1 and 1.0 are one
+            problems.append(f"config key '{at}.choices' lists a value twice: {list(spec['choices'])}")
+        return problems
+    if kind == "categorical":
+        return [f"config key '{at}' takes choices, not a range (e.g. {{choices: [...]}})"]
+    problems = [
+        f"config key '{at}.{bound}': {spec[bound]!r} is not a valid value ({next(iter(errors)).message})"
+        for bound in ("low", "high")
+        if (errors := list(value_check.iter_errors(spec[bound])))
+    ]
+    if problems:
+        return problems
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if low >= high:
+        problems.append(f"config key '{at}': low ({low}) must be below high ({high})")
+    if spec.get("log") and low <= 0:
+        problems.append(f"config key '{at}': a log range needs low > 0, got {low}")
+    if step is not None:
+        if spec.get("log"):
+            problems.append(f"config key '{at}': step and log cannot be combined (a log range is sampled continuously)")
+        elif kind == "int" and (not isinstance(step, int) or isinstance(step, bool)):
+            problems.append(f"config key '{at}.step' must be an integer for an integer setting, got {step!r}")
+        elif low < high and step > (high - low) * (1 + 1e-9):  # 0.3 - 0.1 < 0.2 in floating point
+            problems.append(f"config key '{at}.step' ({step}) is larger than the range {low}..{high}")
+    return problems
 
 
 def load_config(path: Path | str) -> dict[str, Any]:
@@ -201,65 +324,3 @@ def load_config(path: Path | str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(config).__name__}")
     return validate_config(config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Subsections handed to individual rules
-# ---------------------------------------------------------------------------------------------
-
-
-def uses_demo(config: Mapping[str, Any]) -> bool:
-    """True when no archive path is configured: the workflow generates synthetic demo archives."""
-    archives = config["data"]["archives"]
-    return all(archives.get(name) is None for name in ARCHIVES)
-
-
-def archives_needed(config: Mapping[str, Any]) -> list[str]:
-    """The archives the configured datasets read (combined needs both)."""
-    needed: set[str] = set()
-    for dataset in config["datasets"]:
-        needed.update(ARCHIVES if dataset == "combined" else (dataset,))
-    return [a for a in ARCHIVES if a in needed]
-
-
-def backbone_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
-    """The hybrid defaults overridden by the backbone's own block (without its search space)."""
-    if backbone not in config["backbones"]:
-        raise ConfigError(f"backbone '{backbone}' is not configured under 'backbones' ({', '.join(config['backbones'])})")
-    merged = copy.deepcopy(dict(config["hybrid"]))
-    for key, value in config["backbones"][backbone].items():
-        if key != "search_space":
-            merged[key] = copy.deepcopy(value)
-    merged["backbone"] = backbone
-    return merged
-
-
-def feature_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
-    """The settings that determine a backbone's cached feature maps (head mode)."""
-    settings = backbone_settings(config, backbone)
-    return {"backbone": backbone, **{k: settings[k] for k in FEATURE_KEYS}}
-
-
-def tune_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
-    """Study settings of one backbone: the tune block with the backbone's search space, if any."""
-    tune = copy.deepcopy(dict(config["tune"]))
-    own = config["backbones"][backbone].get("search_space")
-    if own is not None:
-        tune["search_space"] = copy.deepcopy(own)
-    return tune
-
-
-def tracking_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(dict(config["tracking"]))
-
-
-def study_settings(config: Mapping[str, Any], backbone: str) -> dict[str, Any]:
-    """The hybrid settings a backbone's study depends on.
-
-    Leaves out what the study itself decides (the keys of its search space) and ``epochs`` (trials
-    run ``tune.epochs``), so that changing, say, the members' epoch budget reruns the members but
-    not the study.
-    """
-    settings = backbone_settings(config, backbone)
-    tuned = set(tune_settings(config, backbone)["search_space"])
-    return {k: v for k, v in settings.items() if k not in tuned and k != "epochs"}

@@ -1,42 +1,24 @@
-"""ALL-IDB archives: validation, manifests and the resized image cache.
+"""ALL-IDB datasets as later stages read them: manifests, the resized image cache, pooling.
 
-The official layout is ``ALL_IDB1/im/ImNNN_L.jpg`` with blast centroids in
-``ALL_IDB1/xyc/ImNNN_L.xyc`` and ``ALL_IDB2/img/ImNNN_L.tif``; ``L`` is the label (1 = ALL,
-0 = healthy). ``scan_archive`` checks everything an archive holds and collects every problem
-before anything is written; ``ingest_archive`` also resizes each image to one common square size
-(which removes the image-size shortcut of ALL-IDB1) for the ``images.npy`` cache. Each image is
-decoded exactly once: the scan hashes the full-resolution pixels and resizes the same decoded
-image.
-
-Real copies vary, and these are accepted: upper-case or long extensions (``.JPG``, ``.tiff``), a
-missing ``xyc`` folder, extra enclosing folders (``ALL-IDB/ALL_IDB1/...``), ``__MACOSX``,
-``Thumbs.db`` and ``.DS_Store`` entries, and both datasets in one archive. A synthetic archive
-carries the marker file ``ALLFUSE_SYNTHETIC.json`` next to its dataset folder.
+A dataset folder holds ``manifest.csv`` (one row per image, ``MANIFEST_COLUMNS`` in order) and
+``images.npy``, a uint8 (N, S, S, 3) array whose row i is the image of manifest row i, resized
+to one common square size S. ``allfuse.ingest`` validates an archive and builds both; this
+module writes them atomically, reads them back with typed values, pools datasets and
+summarises them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 import os
-import re
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from allfuse.archive import Archive, Member, open_archive, unsafe_members
-from allfuse.config import ARCHIVES
 from allfuse.errors import DataError
-from allfuse.files import atomic_path, read_csv, save_npy, sha256_array, sha256_bytes, write_csv
-
-logger = logging.getLogger(__name__)
+from allfuse.files import atomic_path, read_csv, save_npy, write_csv
 
 MANIFEST_COLUMNS = (
     "image_id",
@@ -53,533 +35,6 @@ MANIFEST_COLUMNS = (
 )
 SYNTHETIC_MARKER = "ALLFUSE_SYNTHETIC.json"
 LABEL_NAMES = {1: "ALL", 0: "healthy"}
-
-# Entries that file managers and archivers add on their own; never part of the data.
-_JUNK_FOLDERS = {"__macosx"}
-_JUNK_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}
-
-_IMAGE_NAME = re.compile(r"^Im(\d{3})_(\d+)$", re.IGNORECASE)
-_NAME_HINT = "names must be ImNNN_L (NNN = three-digit image number, L = 1 for ALL or 0 for healthy)"
-
-# 8-bit pixel formats that convert to RGB without losing or inventing information.
-_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
-
-# Largest xyc or marker file read (bytes); the real xyc files are a few hundred bytes.
-_TEXT_LIMIT = 1 << 20
-
-
-@dataclass(frozen=True)
-class _Layout:
-    image_folder: str
-    extensions: tuple[str, ...]
-    image_format: str  # PIL's name of the official format
-    has_xyc: bool
-    official_labels: Mapping[int, int]  # label -> number of images in the official release
-    official_sizes: frozenset[tuple[int, int]]  # (width, height)
-
-    @property
-    def official_total(self) -> int:
-        return sum(self.official_labels.values())
-
-
-_LAYOUTS = {
-    "ALL_IDB1": _Layout(
-        "im", (".jpg", ".jpeg"), "JPEG", True, {1: 49, 0: 59}, frozenset({(2592, 1944), (1712, 1368), (1226, 652)})
-    ),
-    "ALL_IDB2": _Layout("img", (".tif", ".tiff"), "TIFF", False, {1: 130, 0: 130}, frozenset({(257, 257)})),
-}
-
-
-@dataclass
-class ScanResult:
-    """What ``scan_archive`` found in one dataset of an archive.
-
-    ``rows`` hold every ``MANIFEST_COLUMNS`` key (ints as int, ``blast_count`` None when unknown),
-    sorted by ``image_id``; ``problems`` make the archive unusable (one string per offending entry:
-    ``"<entry>: <what is wrong>; <what to do>"``); ``warnings`` do not. ``synthetic`` is the parsed
-    content of the synthetic-data marker, None for real data. ``source`` is the archive path.
-    """
-
-    archive_name: str
-    rows: list[dict[str, Any]]
-    problems: list[str]
-    warnings: list[str]
-    synthetic: dict[str, Any] | None
-    source: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_image_name(filename: str) -> tuple[int, int]:
-    """``"Im001_1.jpg"`` -> ``(1, 1)``: image number and label from a file name (any extension).
-
-    Raises ``ValueError`` with a readable reason when the name is not ``ImNNN_L`` or the label
-    digit is not 0 or 1.
-    """
-    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    match = _IMAGE_NAME.match(stem)
-    if not match:
-        raise ValueError(f"file name {base!r} does not follow the ALL-IDB pattern; {_NAME_HINT}")
-    number, label = int(match.group(1)), int(match.group(2))
-    if match.group(2) not in ("0", "1"):
-        raise ValueError(f"label {match.group(2)!r} in {base!r} must be 1 (ALL) or 0 (healthy)")
-    return number, label
-
-
-def make_image_id(archive: str, number: int, label: int) -> str:
-    """``("ALL_IDB1", 1, 1)`` -> ``"ALL_IDB1/Im001_1"``."""
-    return f"{archive}/Im{number:03d}_{label}"
-
-
-def _parts(name: str) -> list[str]:
-    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-
-
-def _is_junk(parts: Sequence[str]) -> bool:
-    return (
-        any(p.lower() in _JUNK_FOLDERS for p in parts)
-        or parts[-1].lower() in _JUNK_FILES
-        or parts[-1].startswith("._")  # AppleDouble resource forks
-    )
-
-
-def _dataset_index(parts: Sequence[str], which: str) -> int | None:
-    """Index of the last path component naming dataset ``which`` (``ALL_IDB1`` or ``ALL-IDB1``)."""
-    pattern = which.lower().replace("_", "[_-]")
-    hits = [i for i, p in enumerate(parts) if re.fullmatch(pattern, p.lower())]
-    return hits[-1] if hits else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Scanning
-# ---------------------------------------------------------------------------------------------
-
-
-def scan_archive(path: str | os.PathLike[str], which: str, max_pixels: int) -> ScanResult:
-    """Validate dataset ``which`` (``"ALL_IDB1"`` or ``"ALL_IDB2"``) of an archive.
-
-    Every image is decoded once (after its header size is checked against ``max_pixels``) to hash
-    its RGB pixels and prove it is intact. Raises ``DataError`` only when the archive itself cannot
-    be opened; everything wrong inside it is collected in ``ScanResult.problems``.
-    """
-    with open_archive(path) as archive:
-        return _scan(archive, which, max_pixels, image_size=None)[0]
-
-
-def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str] | None = None) -> list[ScanResult]:
-    """Scan every dataset an archive holds (or those named in ``which``), opening it once.
-
-    Raises ``DataError`` when the archive holds neither dataset folder.
-    """
-    with open_archive(path) as archive:
-        members = archive.members()
-        present = [name for name in ARCHIVES if any(_dataset_index(_parts(m.name), name) is not None for m in members)]
-        wanted = list(which) if which else present
-        if not wanted:
-            what = "is empty" if not members else f"holds {len(members)} entries but no ALL_IDB1 or ALL_IDB2 folder"
-            raise DataError(
-                f"{archive.path}: {what}; expected ALL_IDB1/im/ImNNN_L.jpg and/or ALL_IDB2/img/ImNNN_L.tif",
-                problems=unsafe_members(archive),
-            )
-        return [_scan(archive, name, max_pixels, image_size=None)[0] for name in wanted]
-
-
-def ingest_archive(
-    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Validate dataset ``which`` of an archive and build its image cache.
-
-    Returns the manifest rows (sorted by ``image_id``) and a uint8 array (N, S, S, 3) with
-    S = ``image_size`` pixels, whose row i is the image of manifest row i, resized from its
-    original size with Lanczos filtering. Raises ``DataError`` listing every problem when the
-    archive is unusable; warnings go to the ``allfuse.data`` logger.
-    """
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    with open_archive(path) as archive:
-        scan, images = _scan(archive, which, max_pixels, image_size=image_size)
-    for warning in scan.warnings:
-        logger.warning("%s", warning)
-    if scan.problems:
-        raise DataError(
-            f"{which} in {path} cannot be used: {len(scan.problems)} problem(s), nothing was written",
-            problems=scan.problems,
-        )
-    return scan.rows, np.stack(images)
-
-
-@dataclass
-class _Found:
-    """The members of one dataset, sorted by role; dict keys are (number, label) in archive order."""
-
-    images: dict[tuple[int, int], list[Member]]
-    xycs: dict[tuple[int, int], list[Member]]
-    roots: dict[str, Member]  # dataset folder path -> first member seen in it
-    markers: list[tuple[list[str], Member]]  # (folder parts, member) of every synthetic marker
-    ignored: list[str]
-
-
-def _classify(archive: Archive, which: str, layout: _Layout, problems: list[str]) -> _Found:
-    """Sort the file members of dataset ``which`` into images, centroid files, markers and
-    ignored files; bad names and extensions become problems."""
-    other = [name for name in ARCHIVES if name != which]
-    found = _Found(defaultdict(list), defaultdict(list), {}, [], [])
-    for member in archive.members():
-        if member.kind != "file":
-            continue  # folders carry nothing; links and devices are already problems
-        parts = _parts(member.name)
-        if not parts or _is_junk(parts):
-            continue
-        if parts[-1] == SYNTHETIC_MARKER:
-            found.markers.append((parts[:-1], member))
-            continue
-        index = _dataset_index(parts, which)
-        if index is None:
-            if not any(_dataset_index(parts, o) is not None for o in other):
-                found.ignored.append(member.name)
-            continue
-        rel = [p.lower() for p in parts[index + 1 :]]
-        if len(rel) == 2 and rel[0] == layout.image_folder:
-            bucket, what, expected = found.images, "images", layout.extensions
-        elif len(rel) == 2 and rel[0] == "xyc" and layout.has_xyc:
-            bucket, what, expected = found.xycs, "centroid files", (".xyc",)
-        else:
-            found.ignored.append(member.name)
-            continue
-        found.roots.setdefault("/".join(parts[: index + 1]), member)
-        try:
-            key = parse_image_name(parts[-1])
-        except ValueError as exc:
-            problems.append(f"{member.name}: {exc}; rename or remove the file")
-            continue
-        if not parts[-1].lower().endswith(expected):
-            problems.append(
-                f"{member.name}: unexpected file type; {which} {what} end in {' or '.join(expected)}: "
-                "rename or remove the file"
-            )
-            continue
-        bucket[key].append(member)
-    return found
-
-
-def _scan(archive: Archive, which: str, max_pixels: int, image_size: int | None) -> tuple[ScanResult, list[np.ndarray]]:
-    """The scan, and the images resized to ``image_size`` (aligned with the rows; empty when
-    ``image_size`` is None)."""
-    if which not in _LAYOUTS:
-        raise ValueError(f"which must be one of {ARCHIVES}, got {which!r}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    layout = _LAYOUTS[which]
-    problems = unsafe_members(archive)
-    warnings_: list[str] = []
-    found = _classify(archive, which, layout, problems)
-
-    if len(found.roots) > 1:
-        places = ", ".join(sorted(found.roots))
-        problems.extend(
-            f"{m.name}: {which} appears in more than one place ({places}); keep one copy" for m in found.roots.values()
-        )
-    if not found.images:
-        problems.append(
-            f"{archive.path}: no {which} images found (expected {which}/{layout.image_folder}/ImNNN_L"
-            f"{layout.extensions[0]}); point at the {which} archive or folder"
-        )
-    problems.extend(_duplicate_numbers(found.images, "image"))
-    problems.extend(_duplicate_numbers(found.xycs, "centroid file"))
-    for key, members in sorted(found.xycs.items()):
-        if key not in found.images:
-            problems.extend(
-                f"{m.name}: centroid file has no image {make_image_id(which, *key)}{layout.extensions[0]}; "
-                "add the image or remove the centroid file"
-                for m in members
-            )
-
-    root = next(iter(found.roots)) if len(found.roots) == 1 else None
-    synthetic = _read_marker(archive, which, root, found.markers, problems, found.ignored)
-    if found.ignored:
-        shown = ", ".join(found.ignored[:5]) + (f" and {len(found.ignored) - 5} more" if len(found.ignored) > 5 else "")
-        warnings_.append(f"{len(found.ignored)} file(s) are not part of the {which} layout and were ignored: {shown}")
-
-    # Images first, then centroid files, each in archive order (im/ precedes xyc/): a compressed
-    # tar can only be read forward cheaply.
-    rows: list[dict[str, Any]] = []
-    resized: list[np.ndarray] = []
-    with _pixel_limit(max_pixels):
-        for (number, label), members in found.images.items():
-            if len(members) > 1:
-                continue  # duplicate numbers are problems already
-            decoded = _read_image(archive, members[0], layout, max_pixels, image_size, problems, warnings_)
-            if decoded is None:
-                continue
-            width, height, sha_file, sha_pixels, small = decoded
-            rows.append(
-                {
-                    "image_id": make_image_id(which, number, label),
-                    "dataset": which,
-                    "number": number,
-                    "label": label,
-                    "width": width,
-                    "height": height,
-                    "sha256_file": sha_file,
-                    "sha256_pixels": sha_pixels,
-                    "blast_count": None,
-                    "archive_path": members[0].name,
-                    "synthetic": int(synthetic is not None),
-                }
-            )
-            if small is not None:
-                resized.append(small)
-    blast_counts = {key: _count_centroids(archive, members[-1], problems) for key, members in found.xycs.items()}
-    for row in rows:
-        row["blast_count"] = blast_counts.get((row["number"], row["label"]))
-
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["image_id"])
-    rows = [rows[i] for i in order]
-    resized = [resized[i] for i in order] if resized else []
-    warnings_.extend(_content_warnings(which, layout, rows, found.xycs, synthetic is not None))
-    return ScanResult(which, rows, problems, warnings_, synthetic, str(archive.path)), resized
-
-
-def _duplicate_numbers(found: Mapping[tuple[int, int], list[Member]], what: str) -> list[str]:
-    by_number: dict[int, list[Member]] = defaultdict(list)
-    for (number, _label), members in found.items():
-        by_number[number].extend(members)
-    problems = []
-    for number, members in sorted(by_number.items()):
-        if len(members) > 1:
-            names = [m.name for m in members]
-            for name in names:
-                others = ", ".join(n for n in names if n != name) or "another entry of the same name"
-                problems.append(
-                    f"{name}: {what} number {number:03d} is also used by {others}; keep one file per number"
-                )
-    return problems
-
-
-def _read_marker(
-    archive: Archive,
-    which: str,
-    root: str | None,
-    markers: list[tuple[list[str], Member]],
-    problems: list[str],
-    ignored: list[str],
-) -> dict[str, Any] | None:
-    """Parsed synthetic-data marker of the dataset folder ``root``, or None for real data.
-
-    The marker counts next to the dataset folder or inside it. When a directory archive is the
-    dataset folder itself, the marker sits in its parent, outside the listing, and is looked up on
-    disk so that a synthetic copy is never mistaken for real data.
-    """
-    root_parts = _parts(root) if root else None
-    found: Member | None = None
-    for folder, member in markers:
-        if root_parts is not None and folder in (root_parts[:-1], root_parts):
-            found = member
-        elif not any(_dataset_index(folder, name) is not None for name in ARCHIVES):
-            ignored.append(member.name)
-    if found is not None:
-        try:
-            data, where = archive.read(found.name), found.name
-        except DataError as exc:
-            problems.append(str(exc))
-            return None
-    else:
-        folder = Path(os.path.abspath(archive.path))
-        outside = folder.parent / SYNTHETIC_MARKER
-        if not (folder.is_dir() and _dataset_index([folder.name], which) == 0 and outside.is_file()):
-            return None
-        if outside.is_symlink() or outside.stat().st_size > _TEXT_LIMIT:
-            problems.append(f"{outside}: synthetic-data marker is a link or too large; regenerate the demo archive")
-            return None
-        data, where = outside.read_bytes(), str(outside)
-    try:
-        content = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append(f"{where}: synthetic-data marker is not valid JSON ({exc}); regenerate the demo archive")
-        return None
-    if not isinstance(content, dict):
-        problems.append(f"{where}: synthetic-data marker must hold a JSON object; regenerate the demo archive")
-        return None
-    return content
-
-
-def _count_centroids(archive: Archive, member: Member, problems: list[str]) -> int | None:
-    """Number of "x y" centroid lines (tab or space separated) of an xyc file; None if unreadable."""
-    if member.size > _TEXT_LIMIT:
-        problems.append(f"{member.name}: centroid file is {member.size} bytes, far larger than any xyc file; check it")
-        return None
-    try:
-        text = archive.read(member.name).decode("utf-8-sig")
-    except DataError as exc:
-        problems.append(str(exc))
-        return None
-    except UnicodeDecodeError:
-        problems.append(f"{member.name}: centroid file is not text; it must hold one 'x y' pair per line")
-        return None
-    count, bad = 0, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) == 2 and all(_is_number(f) for f in fields):
-            count += 1
-        else:
-            bad.append(f"line {number} {line.strip()[:40]!r}")
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        problems.append(f"{member.name}: malformed centroid line(s) {shown}; each line must be 'x y' (two numbers)")
-        return None
-    return count
-
-
-def _is_number(text: str) -> bool:
-    try:
-        value = float(text)
-    except ValueError:
-        return False
-    return value == value and value >= 0  # not NaN, not negative
-
-
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Make PIL's own decompression-bomb guard fire at ``max_pixels`` and raise, not warn.
-
-    PIL warns above ``MAX_IMAGE_PIXELS`` and raises above twice that, at open time, from the
-    header; both are turned into a problem for the entry by ``_read_image``.
-    """
-    from PIL import Image
-
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def _read_image(
-    archive: Archive,
-    member: Member,
-    layout: _Layout,
-    max_pixels: int,
-    image_size: int | None,
-    problems: list[str],
-    warnings_: list[str],
-) -> tuple[int, int, str, str, np.ndarray | None] | None:
-    """Decode one image member once: (width, height, sha256 of file, sha256 of RGB pixels,
-    resized (S, S, 3) uint8 array or None). Appends a problem and returns None when unusable."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = member.name
-    # An uncompressed RGB image of max_pixels takes 3 bytes a pixel; allow headroom for metadata.
-    if member.size > 4 * max_pixels + (1 << 20):
-        problems.append(
-            f"{name}: file is {member.size} bytes, too large for an image within the pixel limit "
-            f"({max_pixels}, config key data.max_pixels); check the file"
-        )
-        return None
-    try:
-        data = archive.read(name)
-    except DataError as exc:
-        problems.append(str(exc))
-        return None
-    over_limit = (
-        f"{name}: image exceeds the pixel limit of {max_pixels} (config key data.max_pixels) and was not decoded "
-        "(decompression-bomb guard); replace the file, or raise the limit only if you trust it"
-    )
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "TIFF")) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                problems.append(f"{over_limit} [{width}x{height} = {width * height} pixels]")
-                return None
-            img.load()
-            if img.mode not in _EIGHT_BIT_MODES:
-                problems.append(f"{name}: pixel format {img.mode!r} is not 8-bit; convert the image to 8-bit RGB")
-                return None
-            # PIL names JPEGs with a multi-picture extension (common in camera files) MPO.
-            fmt = "JPEG" if img.format == "MPO" else img.format
-            if fmt != layout.image_format:
-                warnings_.append(f"{name}: holds {fmt} data, not {layout.image_format}; it was read anyway")
-            rgb_image = img.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        problems.append(f"{over_limit} [{exc}]")
-        return None
-    except UnidentifiedImageError:
-        problems.append(f"{name}: is not a readable JPEG or TIFF image; replace it with an intact copy")
-        return None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad entry
-        problems.append(
-            f"{name}: image is corrupt or truncated ({type(exc).__name__}: {exc}); replace it with an intact copy"
-        )
-        return None
-    rgb = np.asarray(rgb_image, dtype=np.uint8)
-    small = None
-    if image_size is not None:
-        # reducing_gap: box-reduce by an integer factor first, then Lanczos; indistinguishable
-        # from a plain Lanczos resize at a fraction of the cost for 2592x1944 smears.
-        resample = Image.Resampling.LANCZOS
-        small = np.asarray(rgb_image.resize((image_size, image_size), resample, reducing_gap=3.0), dtype=np.uint8)
-    return width, height, sha256_bytes(data), sha256_array(rgb), small
-
-
-def _content_warnings(
-    which: str, layout: _Layout, rows: list[dict[str, Any]], xycs: Mapping[Any, Any], synthetic: bool
-) -> list[str]:
-    out: list[str] = []
-    counts = Counter(r["label"] for r in rows)
-    if rows and (len(rows) != layout.official_total or any(counts[k] != v for k, v in layout.official_labels.items())):
-        out.append(
-            f"{which} holds {len(rows)} images ({_label_counts(counts)}); the official release has "
-            f"{layout.official_total} ({_label_counts(layout.official_labels)}); fine for a subset, "
-            "otherwise check that the copy is complete"
-        )
-    if not synthetic:
-        odd = sorted({(r["width"], r["height"]) for r in rows} - layout.official_sizes)
-        if odd:
-            shown = ", ".join(f"{w}x{h}" for w, h in odd[:5])
-            out.append(f"{which} has image sizes that the official release does not ({shown}); check the copy")
-    if layout.has_xyc and rows:
-        if not xycs:
-            out.append(f"{which} has no xyc centroid files; blast_count is left empty")
-        else:
-            missing = [r["image_id"] for r in rows if r["blast_count"] is None]
-            if missing:
-                out.append(
-                    f"{len(missing)} {which} image(s) have no xyc file (blast_count left empty): {', '.join(missing[:5])}"
-                )
-            odd_labels = [
-                r["image_id"]
-                for r in rows
-                if r["blast_count"] is not None and (r["blast_count"] > 0) != (r["label"] == 1)
-            ]
-            if odd_labels:
-                out.append(
-                    f"{len(odd_labels)} {which} image(s) whose centroid count disagrees with the label "
-                    f"(ALL images should have blasts, healthy ones none): {', '.join(odd_labels[:5])}"
-                )
-    label_of = {r["image_id"]: r["label"] for r in rows}
-    for group in find_duplicates(rows):
-        clash = len({label_of[i] for i in group}) > 1
-        out.append(
-            f"identical pixels: {' = '.join(group)}"
-            + ("; their labels DISAGREE, check them" if clash else " (the grouped split keeps them together)")
-        )
-    return out
-
-
-def _label_counts(counts: Mapping[int, int]) -> str:
-    return ", ".join(f"{counts.get(label, 0)} {LABEL_NAMES[label]}" for label in (1, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,6 +161,11 @@ def find_duplicates(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return sorted(sorted(ids) for ids in by_hash.values() if len(ids) > 1)
 
 
+def label_counts(counts: Mapping[int, int]) -> str:
+    """``{1: 49, 0: 59}`` -> ``"49 ALL, 59 healthy"``: images per class, ALL first, zeros shown."""
+    return ", ".join(f"{counts.get(label, 0)} {LABEL_NAMES[label]}" for label in (1, 0))
+
+
 def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     """Counts per dataset and class, original sizes, blast centroids and identical-pixel groups."""
     lines = []
@@ -713,7 +173,7 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> str:
         sub = [r for r in rows if r["dataset"] == dataset]
         counts = Counter(int(r["label"]) for r in sub)
         synthetic = " [synthetic]" if any(int(r["synthetic"]) for r in sub) else ""
-        lines.append(f"{dataset}: {len(sub)} images ({_label_counts(counts)}){synthetic}")
+        lines.append(f"{dataset}: {len(sub)} images ({label_counts(counts)}){synthetic}")
         sizes = Counter((int(r["width"]), int(r["height"])) for r in sub)
         lines.append("  original sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common()))
         blasts = [int(r["blast_count"]) for r in sub if r.get("blast_count") not in (None, "")]
@@ -726,38 +186,15 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summarise(scan: ScanResult) -> str:
-    """Human summary of a scan: counts per class, sizes, duplicates, synthetic marker, warnings,
-    and the number of problems (the problems themselves are listed by whoever raises them)."""
-    head = f"{scan.archive_name} in {scan.source}" if scan.source else scan.archive_name
-    lines = [head]
-    if scan.rows:
-        lines.append(summarise_rows(scan.rows))
-    if scan.synthetic is not None:
-        seed = scan.synthetic.get("seed")
-        lines.append(f"synthetic demo data ({SYNTHETIC_MARKER}" + (f", seed {seed})" if seed is not None else ")"))
-    if scan.warnings:
-        lines.append(f"warnings ({len(scan.warnings)}):")
-        lines.extend(f"  - {w}" for w in scan.warnings)
-    lines.append("valid" if scan.ok else f"INVALID: {len(scan.problems)} problem(s)")
-    return "\n".join(lines)
-
-
 __all__ = [
-    "ARCHIVES",
+    "LABEL_NAMES",
     "MANIFEST_COLUMNS",
     "SYNTHETIC_MARKER",
-    "ScanResult",
     "combine_datasets",
     "find_duplicates",
-    "ingest_archive",
+    "label_counts",
     "load_images",
-    "make_image_id",
-    "parse_image_name",
     "read_manifest",
-    "scan_all",
-    "scan_archive",
-    "summarise",
     "summarise_rows",
     "write_dataset",
 ]

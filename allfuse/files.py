@@ -45,6 +45,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def removed_on_failure(paths: Iterable[PathLike]) -> Iterator[None]:
+    """Delete ``paths`` if the block raises (or is interrupted), so that no output of a failed job
+    looks finished: a job with several outputs writes each atomically, but not all at once."""
+    targets = [Path(p) for p in paths]
+    try:
+        yield
+    except BaseException:
+        for target in targets:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        raise
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -11,7 +11,7 @@ Models are visited in sorted name order, so results do not depend on dict insert
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -19,24 +19,32 @@ from allfuse.errors import ConfigError, DataError
 from allfuse.uncertainty import EPS, as_labels, as_member_stack, as_probs, predict_labels
 
 RULES = ("sum", "product", "max", "majority", "weighted_sum")
+#: The paper's rule: the headline rows of every comparison.
+PAPER_RULE = "sum"
 WEIGHT_METRICS = ("accuracy", "nll")
 #: Weight floor for a model at or below chance on validation, so that every weight stays positive
 #: and the normalisation is defined even when all models are at chance (they then weigh equally).
 WEIGHT_FLOOR = 1e-3
 
 
+def _checked(models: Mapping[str, np.ndarray], check: Callable[..., np.ndarray], image_axis: int,
+             what: str) -> tuple[list[str], list[np.ndarray]]:  # fmt: skip
+    """Model names (sorted) and their arrays, each checked by ``check``, all on the same images
+    (the same length along ``image_axis``); ``what`` names the arrays in errors."""
+    if not models:
+        raise DataError(f"{what} of at least one model are needed; got none")
+    names = sorted(models)
+    arrays = [check(models[n], name=f"{what} of model '{n}'") for n in names]
+    sizes = {n: a.shape[image_axis] for n, a in zip(names, arrays, strict=True)}
+    if len(set(sizes.values())) > 1:
+        raise DataError(f"{what} must cover the same images for every model; image counts differ",
+                        [f"{n}: {k} images" for n, k in sizes.items()])  # fmt: skip
+    return names, arrays
+
+
 def _stack(model_probs: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     """Model names (sorted) and their probabilities stacked as float64 (K, N, 2)."""
-    if not model_probs:
-        raise DataError("fusion needs the probabilities of at least one model; got none")
-    names = sorted(model_probs)
-    arrays = [as_probs(model_probs[n], name=f"probabilities of model '{n}'") for n in names]
-    sizes = {n: a.shape[0] for n, a in zip(names, arrays, strict=True)}
-    if len(set(sizes.values())) > 1:
-        raise DataError(
-            "fusion needs the same images for every model; row counts differ",
-            [f"{n}: {k} rows" for n, k in sizes.items()],
-        )
+    names, arrays = _checked(model_probs, as_probs, 0, "probabilities")
     return names, np.stack(arrays)
 
 
@@ -155,14 +163,5 @@ def fuse_members(member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
     models' ensemble means, and the pooled mutual information includes disagreement between
     models as well as between seeds.
     """
-    if not member_probs:
-        raise DataError("fuse_members needs the members of at least one model; got none")
-    names = sorted(member_probs)
-    stacks = [as_member_stack(member_probs[n], name=f"members of model '{n}'") for n in names]
-    sizes = {n: s.shape[1] for n, s in zip(names, stacks, strict=True)}
-    if len(set(sizes.values())) > 1:
-        raise DataError(
-            "fuse_members needs the same images for every model; image counts differ",
-            [f"{n}: {k} images" for n, k in sizes.items()],
-        )
+    _, stacks = _checked(member_probs, as_member_stack, 1, "member probabilities")
     return np.concatenate(stacks, axis=0)

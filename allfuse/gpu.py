@@ -133,6 +133,34 @@ def _set_visible(value: str) -> None:
     os.environ[ENV] = value
 
 
+def _preset_slot(preset: str) -> GpuSlot:
+    """The slot a CUDA_VISIBLE_DEVICES the user or scheduler set means (no lock: it is theirs)."""
+    ids = [part.strip() for part in preset.split(",") if part.strip()]
+    if not ids or ids[0] == "-1":
+        return GpuSlot("cpu", None, "env")
+    first = ids[0]
+    return GpuSlot(f"gpu:{','.join(ids)}", int(first) if first.isdigit() else None, "env")
+
+
+def _share_slot(folder: Path, count: int, timeout: float) -> GpuSlot:
+    """Every slot stayed busy: share the least-loaded GPU, registered by a share file of our own."""
+    loads = [_sharers(folder, index) for index in range(count)]
+    index = loads.index(min(loads))
+    share = folder / f"gpu{index}.share.{os.getpid()}"
+    handle = _try_lock(share)
+    if handle is not None:
+        _stamp(handle)
+    _set_visible(str(index))
+    log.warning(
+        "all %d GPU slot(s) stayed busy for %.0f s: sharing GPU %d with its holder and %d other job(s); "
+        "lower --resources gpu= to the number of GPUs to avoid this",
+        count, timeout, index, loads[index],
+    )  # fmt: skip
+    slot = GpuSlot(f"gpu:{index}", index, "shared", folder / f"gpu{index}.lock", [handle] if handle else [])
+    slot._share_path = share if handle is not None else None
+    return slot
+
+
 def acquire_gpu(
     lock_dir: str | Path,
     *,
@@ -150,17 +178,11 @@ def acquire_gpu(
     """
     preset = os.environ.get(ENV)
     if preset is not None:
-        ids = [part.strip() for part in preset.split(",") if part.strip()]
-        if not ids or ids[0] == "-1":
-            return GpuSlot("cpu", None, "env")
-        first = ids[0]
-        return GpuSlot(f"gpu:{','.join(ids)}", int(first) if first.isdigit() else None, "env")
-
+        return _preset_slot(preset)
     count = count_gpus() if n_gpus is None else int(n_gpus)
     if count <= 0:
         log.info("no GPU found: running on the CPU")
         return GpuSlot("cpu", None, "none")
-
     folder = Path(lock_dir)
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + max(0.0, timeout)
@@ -174,29 +196,8 @@ def acquire_gpu(
                 log.info("using GPU %d (lock %s)", index, path)
                 return GpuSlot(f"gpu:{index}", index, "lock", path, [handle])
         if time.monotonic() >= deadline:
-            break
+            return _share_slot(folder, count, timeout)
         time.sleep(max(0.01, poll))
-
-    # More GPU jobs than GPUs (e.g. --resources gpu= larger than the GPU count): share.
-    loads = [_sharers(folder, index) for index in range(count)]
-    index = loads.index(min(loads))
-    share = folder / f"gpu{index}.share.{os.getpid()}"
-    handle = _try_lock(share)
-    handles = [handle] if handle is not None else []
-    if handle is not None:
-        _stamp(handle)
-    _set_visible(str(index))
-    log.warning(
-        "all %d GPU slot(s) stayed busy for %.0f s: sharing GPU %d with its holder and %d other job(s); "
-        "lower --resources gpu= to the number of GPUs to avoid this",
-        count,
-        timeout,
-        index,
-        loads[index],
-    )
-    slot = GpuSlot(f"gpu:{index}", index, "shared", folder / f"gpu{index}.lock", handles)
-    slot._share_path = share if handle is not None else None
-    return slot
 
 
 def enable_memory_growth() -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import ConfigError, DataError
+from allfuse.settings import EvaluationSettings
 from allfuse.uncertainty import EPS, as_labels, as_probs, predict_labels
 
 __all__ = [
@@ -329,6 +330,13 @@ def evaluate_probs(
 
 
 # ---------------------------------------------------------------- referral to an expert
+
+
+def score(labels: np.ndarray, probs: np.ndarray, settings: EvaluationSettings) -> dict[str, Any]:
+    """:func:`evaluate_probs` with the workflow's ``evaluation`` settings: every table row and
+    every run's summary metrics are computed by this one call."""
+    return evaluate_probs(labels, probs, n_boot=settings.n_bootstrap, seed=settings.seed,
+                          level=settings.ci_level, ece_bins=settings.ece_bins)  # fmt: skip
 
 
 def _referral_inputs(

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import ConfigError, DataError
-from allfuse.evaluation import Predictions, load_dataset_models
-from allfuse.files import PathLike, atomic_path, read_json
+from allfuse.evaluation import load_dataset_models
+from allfuse.files import PathLike, atomic_path
+from allfuse.predictions import EnsembleResult, FusionResult, Predictions
+from allfuse.stages import SplitFacts
 from allfuse.metrics import DEFAULT_REFERRAL_FRACTIONS, confusion, ece, referral_curve, reliability, roc_auc
 from allfuse.uncertainty import predict_labels
 
@@ -65,6 +67,16 @@ def _test_split(models: Mapping[str, Predictions]) -> dict[str, Predictions]:
     return out
 
 
+def _panels(models: Mapping[str, Predictions], path: PathLike, title: str,
+            draw: Callable[[Any, str, Predictions], None]) -> None:  # fmt: skip
+    """One figure, one panel per model drawn by ``draw(axes, name, test predictions)``, saved to ``path``."""
+    tests = _test_split(models)
+    fig, axes = _figure(len(tests), title)
+    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+        draw(ax, name, test)
+    _save(fig, path)
+
+
 def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates (K,) at every distinct score threshold, from (0,0) to (1,1)."""
     order = np.argsort(-scores, kind="stable")
@@ -78,9 +90,8 @@ def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.
 
 def plot_roc(models: Mapping[str, Predictions], path: PathLike, title: str) -> None:
     """ROC curve of p_all on the test split, one panel per model, AUC in the panel title."""
-    tests = _test_split(models)
-    fig, axes = _figure(len(tests), title)
-    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+
+    def draw(ax: Any, name: str, test: Predictions) -> None:
         auc = roc_auc(test.label, test.probs[:, 1])
         if np.isnan(auc):
             ax.text(0.5, 0.5, "one class only:\nno ROC curve", ha="center", va="center")
@@ -91,15 +102,15 @@ def plot_roc(models: Mapping[str, Predictions], path: PathLike, title: str) -> N
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="false positive rate", ylabel="true positive rate")
         ax.set_title(f"{name}\nAUC {auc:.3f} (n={len(test)})", fontsize=9)
         ax.set_aspect("equal")
-    _save(fig, path)
+
+    _panels(models, path, title, draw)
 
 
 def plot_reliability(models: Mapping[str, Predictions], path: PathLike, title: str, n_bins: int) -> None:
     """Reliability diagram (top-label confidence vs accuracy per bin, image count on each bar),
     ECE in the panel title."""
-    tests = _test_split(models)
-    fig, axes = _figure(len(tests), title)
-    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+
+    def draw(ax: Any, name: str, test: Predictions) -> None:
         diagram = reliability(test.label, test.probs, n_bins)
         used = diagram["count"] > 0
         lower, upper = diagram["bin_lower"][used], diagram["bin_upper"][used]
@@ -113,17 +124,17 @@ def plot_reliability(models: Mapping[str, Predictions], path: PathLike, title: s
         ax.set(xlim=(0.5, 1), ylim=(0, 1.02), xlabel="confidence (predicted class)", ylabel="accuracy")
         ax.set_title(f"{name}\nECE {ece(test.label, test.probs, n_bins):.3f} (n={len(test)})", fontsize=9)
         ax.legend(loc="upper left", fontsize=7)
-    _save(fig, path)
+
+    _panels(models, path, title, draw)
 
 
 def plot_uncertainty(models: Mapping[str, Predictions], path: PathLike, title: str) -> None:
     """Histograms of predictive entropy (nats) for correct and wrong test predictions."""
     from matplotlib.ticker import MaxNLocator
 
-    tests = _test_split(models)
-    fig, axes = _figure(len(tests), title)
     bins = np.linspace(0.0, np.log(2.0), 15)
-    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+
+    def draw(ax: Any, name: str, test: Predictions) -> None:
         entropy = test.uncertainty("predictive_entropy")
         correct = predict_labels(test.probs) == test.label
         ax.hist(entropy[correct], bins=bins, color="C2", alpha=0.7, label=f"correct ({int(correct.sum())})")
@@ -132,14 +143,14 @@ def plot_uncertainty(models: Mapping[str, Predictions], path: PathLike, title: s
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.legend(loc="upper right", fontsize=7)
-    _save(fig, path)
+
+    _panels(models, path, title, draw)
 
 
 def plot_referral(models: Mapping[str, Predictions], path: PathLike, title: str) -> None:
     """Retained test accuracy against the fraction of most uncertain images referred."""
-    tests = _test_split(models)
-    fig, axes = _figure(len(tests), title)
-    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+
+    def draw(ax: Any, name: str, test: Predictions) -> None:
         for measure, style in (("predictive_entropy", "o-"), ("mutual_information", "s--")):
             curve = referral_curve(test.label, test.probs, test.uncertainty(measure), DEFAULT_REFERRAL_FRACTIONS)
             x = [p["referred_fraction"] for p in curve]
@@ -148,14 +159,14 @@ def plot_referral(models: Mapping[str, Predictions], path: PathLike, title: str)
         ax.set(xlim=(0, 0.52), ylim=(0, 1.02), xlabel="fraction referred", ylabel="accuracy on retained")
         ax.set_title(name, fontsize=9)
         ax.legend(loc="lower right", fontsize=7)
-    _save(fig, path)
+
+    _panels(models, path, title, draw)
 
 
 def plot_confusion(models: Mapping[str, Predictions], path: PathLike, title: str) -> None:
     """2x2 confusion matrix of the test split (rows true, columns predicted; healthy, ALL)."""
-    tests = _test_split(models)
-    fig, axes = _figure(len(tests), title)
-    for ax, (name, test) in zip(axes, tests.items(), strict=True):
+
+    def draw(ax: Any, name: str, test: Predictions) -> None:
         cm = confusion(test.label, predict_labels(test.probs))
         counts = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
         ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
@@ -166,25 +177,23 @@ def plot_confusion(models: Mapping[str, Predictions], path: PathLike, title: str
         ax.set_yticks([0, 1], ["healthy", "ALL"])
         ax.set(xlabel="predicted", ylabel="true")
         ax.set_title(name, fontsize=9)
-    _save(fig, path)
+
+    _panels(models, path, title, draw)
 
 
 def plot_dataset(
-    ensemble_predictions: Sequence[PathLike],
-    fusion_predictions: PathLike,
-    split: PathLike | None = None,
+    ensembles: Sequence[EnsembleResult],
+    fusion: FusionResult,
+    split: SplitFacts,
     *,
-    dataset: str,
-    backbones: Sequence[str],
     outputs: Mapping[str, PathLike],
     ece_bins: int,
 ) -> list[str]:
     """Every figure of one dataset: ``outputs`` maps each of :data:`PLOT_KINDS` to its PNG path.
 
-    ``ensemble_predictions`` are the backbones' ensemble predictions.csv in ``backbones`` order,
-    ``fusion_predictions`` the dataset's fusion predictions.csv; their TEST split is plotted.
-    ``split`` (the dataset's split file) marks every title as synthetic demo data when it says
-    so. Returns the paths written, in :data:`PLOT_KINDS` order.
+    One panel per ensemble (in the order given), then the sum-rule fusion; their TEST split is
+    plotted. Titles say when the split is of synthetic demo data. Returns the paths written, in
+    :data:`PLOT_KINDS` order.
     """
     unknown = sorted(set(outputs) - set(PLOT_KINDS))
     missing = [k for k in PLOT_KINDS if k not in outputs]
@@ -192,13 +201,12 @@ def plot_dataset(
         raise ConfigError(
             f"plot outputs must name exactly {', '.join(PLOT_KINDS)}; missing {missing}, unknown {unknown}"
         )
-    if len(ensemble_predictions) != len(backbones):
-        raise DataError(
-            f"plots of {dataset}: {len(ensemble_predictions)} ensemble files for backbones {list(backbones)}"
-        )
-    synthetic = bool(read_json(split).get("synthetic", False)) if split is not None else False
-    models = load_dataset_models(dict(zip(backbones, ensemble_predictions, strict=True)), fusion_predictions)
-    tag = " (synthetic demo data)" if synthetic else ""
+    wrong = [e.backbone for e in ensembles if e.dataset != fusion.dataset]
+    if wrong:
+        raise DataError(f"plots of {fusion.dataset}: ensembles of another dataset ({', '.join(wrong)})")
+    dataset = fusion.dataset
+    models = load_dataset_models(ensembles, fusion)
+    tag = " (synthetic demo data)" if split.synthetic else ""
     makers: dict[str, Callable[[], None]] = {
         "roc": lambda: plot_roc(models, outputs["roc"], f"{dataset}{tag}: ROC curves, test split"),
         "reliability": lambda: plot_reliability(

@@ -191,70 +191,14 @@ def make_split(
     Raises ``ConfigError`` for an unknown protocol or a bad fraction, ``DataError`` for unusable
     rows, and ``AllfuseError`` when a class has too few images (or groups) to split.
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"config key 'split.protocol' must be one of {list(PROTOCOLS)}, got {protocol!r}")
-    for key, value in (("split.test_fraction", test_fraction), ("split.val_fraction", val_fraction)):
-        if not 0 < value < 1:
-            raise ConfigError(f"config key '{key}' must lie strictly between 0 and 1, got {value}")
-    if protocol == "kfold" and (n_folds < 2 or n_repeats < 1):
-        raise ConfigError(f"kfold needs split.n_folds >= 2 and split.n_repeats >= 1, got {n_folds} and {n_repeats}")
-
+    _check_settings(protocol, test_fraction, val_fraction, n_folds, n_repeats)
     ids, labels, synthetic = _prepare(rows, dataset)
     counts = Counter(labels.tolist())
-    if len(counts) < 2:
-        raise AllfuseError(
-            f"dataset {dataset!r} holds images of one class only ({_counts_text(counts)}); "
-            "a classifier split needs both classes: check the archive and its labels"
-        )
-    need = max(3, n_folds) if protocol == "kfold" else 3
-    if min(counts.values()) < need:
-        raise AllfuseError(
-            f"dataset {dataset!r} is too small for a stratified {protocol} split: it holds {_counts_text(counts)}, "
-            f"and each class needs at least {need} images (one per train, validation and test"
-            + (f" and one per each of the {n_folds} folds" if protocol == "kfold" else "")
-            + "); use more images"
-            + (" or fewer split.n_folds" if protocol == "kfold" else "")
-        )
-
-    group_of: dict[str, str] | None = None
-    source: str | None = None
-    if protocol == "grouped":
-        maps: list[Mapping[str, str]] = [pixel_groups(rows)]
-        if groups:
-            maps.append(groups)
-        group_of = merge_groups(list(ids), *maps)
-        source = SOURCE_PIXELS_AND_MAP if groups else SOURCE_PIXELS
-    elif protocol == "kfold" and groups:
-        group_of = merge_groups(list(ids), pixel_groups(rows), groups)
-        source = SOURCE_PIXELS_AND_MAP
-    elif groups:
-        logger.info("split protocol %s ignores the group map (use protocol grouped or kfold)", protocol)
+    _check_class_counts(counts, dataset, protocol, n_folds)
+    group_of, source = _split_groups(rows, ids, protocol, groups)
 
     context = f"dataset {dataset!r}, protocol {protocol}"
-    try:
-        if protocol == "paper":
-            folds = [_paper_fold(labels, seed, test_fraction, val_fraction)]
-        elif protocol == "grouped":
-            assert group_of is not None
-            g = np.array([group_of[i] for i in ids])
-            folds = [_grouped_fold(labels, g, seed, test_fraction, val_fraction)]
-        else:
-            g = np.array([group_of[i] for i in ids]) if group_of else None
-            folds = _kfold_folds(labels, g, seed, val_fraction, n_folds, n_repeats)
-    except ValueError as exc:  # scikit-learn's refusals (too few members, too few groups)
-        raise AllfuseError(
-            f"{context}: cannot split {_counts_text(counts)}: {exc}; use more images"
-            + (", fewer split.n_folds" if protocol == "kfold" else ", a larger split.test_fraction")
-            + (" or coarser groups" if group_of else "")
-        ) from None
-
-    split_folds = []
-    for number, (repeat, parts) in enumerate(folds):
-        entry: dict[str, Any] = {"fold": number, "repeat": repeat}
-        entry.update({name: sorted(ids[idx].tolist()) for name, idx in zip(SUBSETS, parts, strict=True)})
-        _verify_fold(entry, ids, labels, group_of, context)
-        split_folds.append(entry)
-
+    folds = _folds(labels, ids, group_of, protocol, seed, test_fraction, val_fraction, n_folds, n_repeats, context)
     split: dict[str, Any] = {
         "dataset": dataset,
         "protocol": protocol,
@@ -266,7 +210,7 @@ def make_split(
         "n_images": len(ids),
         "synthetic": synthetic,
         "groups_source": source,
-        "folds": split_folds,
+        "folds": _fold_entries(folds, ids, labels, group_of, context),
     }
     if group_of is not None:
         split["groups"] = {i: group_of[i] for i in sorted(group_of)}
@@ -331,6 +275,55 @@ def split_summary(split: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_settings(protocol: str, test_fraction: float, val_fraction: float, n_folds: int, n_repeats: int) -> None:
+    """Raise ``ConfigError`` for an unknown protocol, a fraction outside (0, 1) or a bad k-fold."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"config key 'split.protocol' must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    for key, value in (("split.test_fraction", test_fraction), ("split.val_fraction", val_fraction)):
+        if not 0 < value < 1:
+            raise ConfigError(f"config key '{key}' must lie strictly between 0 and 1, got {value}")
+    if protocol == "kfold" and (n_folds < 2 or n_repeats < 1):
+        raise ConfigError(f"kfold needs split.n_folds >= 2 and split.n_repeats >= 1, got {n_folds} and {n_repeats}")
+
+
+def _check_class_counts(counts: Mapping[int, int], dataset: str, protocol: str, n_folds: int) -> None:
+    """Raise ``AllfuseError`` unless both classes have an image for every subset (and fold)."""
+    if len(counts) < 2:
+        raise AllfuseError(
+            f"dataset {dataset!r} holds images of one class only ({_counts_text(counts)}); "
+            "a classifier split needs both classes: check the archive and its labels"
+        )
+    need = max(3, n_folds) if protocol == "kfold" else 3
+    if min(counts.values()) < need:
+        raise AllfuseError(
+            f"dataset {dataset!r} is too small for a stratified {protocol} split: it holds {_counts_text(counts)}, "
+            f"and each class needs at least {need} images (one per train, validation and test"
+            + (f" and one per each of the {n_folds} folds" if protocol == "kfold" else "")
+            + "); use more images"
+            + (" or fewer split.n_folds" if protocol == "kfold" else "")
+        )
+
+
+def _split_groups(
+    rows: list[dict], ids: np.ndarray, protocol: str, groups: Mapping[str, str] | None
+) -> tuple[dict[str, str] | None, str | None]:
+    """The groups a split keeps together (image id -> group name) and their ``groups_source``.
+
+    ``grouped`` always groups identical pixels, plus the user map when given; ``kfold`` groups
+    only with a user map; ``paper`` never (None, None).
+    """
+    if protocol == "grouped":
+        maps: list[Mapping[str, str]] = [pixel_groups(rows)]
+        if groups:
+            maps.append(groups)
+        return merge_groups(list(ids), *maps), SOURCE_PIXELS_AND_MAP if groups else SOURCE_PIXELS
+    if protocol == "kfold" and groups:
+        return merge_groups(list(ids), pixel_groups(rows), groups), SOURCE_PIXELS_AND_MAP
+    if groups:
+        logger.info("split protocol %s ignores the group map (use protocol grouped or kfold)", protocol)
+    return None, None
+
+
 def _prepare(rows: Sequence[Mapping[str, Any]], dataset: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """Sorted ids (str array), their labels (int array) and whether any row is synthetic."""
     problems: list[str] = []
@@ -379,6 +372,57 @@ def _derive(seed: int, *path: int) -> int:
 
 
 Parts = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _folds(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    group_of: Mapping[str, str] | None,
+    protocol: str,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    n_folds: int,
+    n_repeats: int,
+    context: str,
+) -> list[tuple[int, Parts]]:
+    """(repeat, (train, val, test) row indices) of every fold of the protocol.
+
+    scikit-learn's refusals (too few members of a class, too few groups) become an
+    ``AllfuseError`` saying what to change.
+    """
+    try:
+        if protocol == "paper":
+            return [_paper_fold(labels, seed, test_fraction, val_fraction)]
+        if protocol == "grouped":
+            assert group_of is not None
+            g = np.array([group_of[i] for i in ids])
+            return [_grouped_fold(labels, g, seed, test_fraction, val_fraction)]
+        g = np.array([group_of[i] for i in ids]) if group_of else None
+        return _kfold_folds(labels, g, seed, val_fraction, n_folds, n_repeats)
+    except ValueError as exc:
+        raise AllfuseError(
+            f"{context}: cannot split {_counts_text(Counter(labels.tolist()))}: {exc}; use more images"
+            + (", fewer split.n_folds" if protocol == "kfold" else ", a larger split.test_fraction")
+            + (" or coarser groups" if group_of else "")
+        ) from None
+
+
+def _fold_entries(
+    folds: Sequence[tuple[int, Parts]],
+    ids: np.ndarray,
+    labels: np.ndarray,
+    group_of: Mapping[str, str] | None,
+    context: str,
+) -> list[dict[str, Any]]:
+    """The split file's fold objects (number, repeat, sorted train / val / test ids), each checked."""
+    entries = []
+    for number, (repeat, parts) in enumerate(folds):
+        entry: dict[str, Any] = {"fold": number, "repeat": repeat}
+        entry.update({name: sorted(ids[idx].tolist()) for name, idx in zip(SUBSETS, parts, strict=True)})
+        _verify_fold(entry, ids, labels, group_of, context)
+        entries.append(entry)
+    return entries
 
 
 def _paper_fold(labels: np.ndarray, seed: int, test_fraction: float, val_fraction: float) -> tuple[int, Parts]:

@@ -29,24 +29,24 @@ import numpy as np
 from allfuse.errors import ConfigError, DataError
 from allfuse.images import dihedral, resize_batch
 from allfuse.models import (
+    PREDICT_CHUNK,
     backbone_network,
     build_head,
     build_hybrid,
     channel_stats,
-    forward,
-    keras_numpy,
+    predict_batches,
     set_feature_stats,
 )
+from allfuse.session import fresh_model_scope
+from allfuse.settings import OPTIMIZERS, HybridSettings
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 # Fine-tuning an unfrozen backbone at the head's learning rate destroys what the backbone knows
 # in the first few steps; one tenth is the usual step down (Keras' guide uses 1e-5 after 1e-3 or
 # so). It applies to the whole model once the backbone is unfrozen.
 FINETUNE_LR_FACTOR = 0.1
 SGD_MOMENTUM = 0.9
-PREDICT_CHUNK = 256
 
 EpochHook = Callable[[int, dict[str, float]], None]
 
@@ -67,37 +67,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def set_seed(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and the Keras backend; optionally make backend ops deterministic.
-
-    With TensorFlow, ``deterministic`` enables op determinism (bit-identical reruns on CPU, slower
-    on GPU; it also turns off XLA auto-compilation). It cannot be switched off again in the same
-    process. With PyTorch, deterministic algorithms are requested. With JAX, GPU determinism
-    needs XLA_FLAGS=--xla_gpu_deterministic_ops=true before JAX starts, which is too late here.
-    """
-    import keras
-
-    keras.utils.set_random_seed(int(seed))
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-        from tensorflow.python.framework.config import is_op_determinism_enabled
-
-        if deterministic:
-            tf.config.experimental.enable_op_determinism()
-        elif is_op_determinism_enabled():
-            log.warning("op determinism was enabled earlier in this process and stays on")
-    elif backend == "torch" and deterministic:
-        import torch
-
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif backend == "jax" and deterministic:
-        import os
-
-        if "--xla_gpu_deterministic_ops=true" not in os.environ.get("XLA_FLAGS", ""):
-            log.info("JAX backend: set XLA_FLAGS=--xla_gpu_deterministic_ops=true before start for GPU determinism")
-
-
 def class_weights(labels: Sequence[int] | np.ndarray) -> dict[int, float]:
     """Inverse-frequency weights {0: w0, 1: w1}, n / (2 * n_c), so the weighted classes balance.
 
@@ -114,22 +83,22 @@ def class_weights(labels: Sequence[int] | np.ndarray) -> dict[int, float]:
 
 
 def make_optimizer(name: str, learning_rate: float) -> Any:
-    """A Keras optimiser by name (adam, adamw, rmsprop, sgd with momentum 0.9)."""
+    """A Keras optimiser by name (one of ``allfuse.settings.OPTIMIZERS``; SGD with momentum 0.9)."""
     import keras
 
     lr = float(learning_rate)
     if not lr > 0:
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate!r}")
+    makers = {
+        "adam": lambda: keras.optimizers.Adam(learning_rate=lr),
+        "adamw": lambda: keras.optimizers.AdamW(learning_rate=lr),
+        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate=lr),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate=lr, momentum=SGD_MOMENTUM),
+    }
     key = str(name).lower()
-    if key == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
-    if key == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr)
-    if key == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=lr)
-    if key == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=SGD_MOMENTUM)
-    raise ConfigError(f"unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}")
+    if key not in makers:
+        raise ConfigError(f"unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}")
+    return makers[key]()
 
 
 def _auc(y_true: np.ndarray, p_all: np.ndarray) -> float:
@@ -168,10 +137,10 @@ def _validation_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def _epoch_callback(monitor: _Monitor, val_x: np.ndarray, val_y: np.ndarray, batch_size: int) -> Any:
+def _epoch_callback(monitor: _Monitor, predict_val: Callable[[Any], np.ndarray], val_y: np.ndarray) -> Any:
     """A Keras callback adding validation metrics and the learning rate to the epoch's logs,
     keeping the history and the best weights (early stopping on val_loss), before any other
-    callback sees the epoch.
+    callback sees the epoch. ``predict_val(model)`` gives the validation probabilities (N, 2).
 
     Validation runs here, from one prediction pass, instead of through fit's validation_data:
     that would trace and run a second validation graph (evaluate) besides the prediction the
@@ -185,7 +154,7 @@ def _epoch_callback(monitor: _Monitor, val_x: np.ndarray, val_y: np.ndarray, bat
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs if logs is not None else {}
-            logs.update(_validation_metrics(_predict(self.model, val_x, batch_size), val_y))
+            logs.update(_validation_metrics(predict_val(self.model), val_y))
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row: dict[str, Any] = {"epoch": epoch + 1, "phase": monitor.phase}
             for key in ("loss", "val_loss", "accuracy", "val_accuracy", "val_auc", "learning_rate"):
@@ -225,67 +194,87 @@ def _check_split(name: str, x: np.ndarray, y: np.ndarray) -> None:
         raise DataError(f"the {name} split has {len(x)} inputs but {len(y)} labels")
 
 
-def _compile(model: Any, settings: Mapping[str, Any], learning_rate: float) -> None:
-    model.compile(
-        optimizer=make_optimizer(settings["optimizer"], learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+@dataclass
+class _Run:
+    """One training run's model, monitor and the validation pass its epochs are scored with."""
+
+    model: Any
+    settings: HybridSettings
+    monitor: _Monitor
+    predict_val: Callable[[Any], np.ndarray]
+    val_y: np.ndarray
+    callbacks: list = field(default_factory=list)
+    verbose: int = 0
+
+    def fit(self, phase: str, learning_rate: float, *args: Any, **kwargs: Any) -> None:
+        """Compile at ``learning_rate`` and fit one phase; args and kwargs go to ``model.fit``."""
+        self.monitor.phase = phase
+        self.model.compile(
+            optimizer=make_optimizer(self.settings.optimizer, learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        watchers = [_epoch_callback(self.monitor, self.predict_val, self.val_y), *self.callbacks]
+        self.model.fit(*args, callbacks=[*watchers, _hook_callback(self.monitor)], verbose=self.verbose, **kwargs)
+
+    def result(self, start: float) -> TrainResult:
+        """The model with its best epoch's weights restored."""
+        if self.monitor.best_weights is not None:
+            self.model.set_weights(self.monitor.best_weights)
+        return TrainResult(self.model, self.monitor.history, self.monitor.best_epoch, time.perf_counter() - start)
+
+
+def predict_features(model: Any, x: np.ndarray) -> np.ndarray:
+    """Class probabilities float64 (N, 2) [p_healthy, p_all] of a head on feature maps (N, H, W, C)."""
+    return np.asarray(predict_batches(model, x, PREDICT_CHUNK), dtype=np.float64)
+
+
+def predict_images(model: Any, images: np.ndarray, rows: np.ndarray | None = None, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities float64 (N, 2) of a whole hybrid on rows of the uint8 image cache
+    (N0, S0, S0, 3), resized to the model's input size chunk by chunk."""
+    size = int(model.input.shape[1])
+    out = predict_batches(model, images, batch_size, rows=rows, prepare=lambda block: resize_batch(block, size))
+    return np.asarray(out, dtype=np.float64)
 
 
 def train_head(
     train: Mapping[str, np.ndarray],
     val: Mapping[str, np.ndarray],
-    settings: Mapping[str, Any],
+    settings: HybridSettings,
     seed: int,
     *,
     epochs: int | None = None,
     callbacks: list | None = None,
     on_epoch_end: EpochHook | None = None,
     verbose: int = 0,
-    deterministic: bool = True,
 ) -> TrainResult:
     """Train the fusion head on cached feature maps (head mode).
 
     train, val: {"x": float (M, H, W, C) feature maps, "y": int (M,)} as written by
-    allfuse.features. settings: gru_units, bidirectional, dense_units, dropout, optimizer,
-    learning_rate, batch_size, epochs, patience, class_weights (and optional head_norm).
-    ``epochs`` overrides settings["epochs"]. The head's input standardisation uses the training
-    features' per-channel statistics. Returns the head model with its best-epoch weights.
+    allfuse.features. ``epochs`` overrides settings.epochs. The head's input standardisation
+    uses the training features' per-channel statistics. Returns the head model with its
+    best-epoch weights. Determinism is the compute session's (allfuse.session).
     """
-    import keras
-
     x_train, y_train = np.asarray(train["x"]), np.asarray(train["y"]).astype(np.int64)
     x_val, y_val = np.asarray(val["x"]), np.asarray(val["y"]).astype(np.int64)
     _check_split("training", x_train, y_train)
     _check_split("validation", x_val, y_val)
     if x_train.shape[1:] != x_val.shape[1:]:
         raise DataError(f"training features {x_train.shape[1:]} and validation features {x_val.shape[1:]} differ")
-    weights = class_weights(y_train) if settings.get("class_weights", False) else None
-    n_epochs = int(epochs if epochs is not None else settings["epochs"])
-    batch_size = int(settings["batch_size"])
+    weights = class_weights(y_train) if settings.class_weights else None
 
     start = time.perf_counter()
-    keras.backend.clear_session()
-    set_seed(seed, deterministic)
-    stats = channel_stats(x_train) if settings.get("head_norm", "standardize") == "standardize" else None
+    fresh_model_scope(seed)
+    stats = channel_stats(x_train) if settings.head_norm == "standardize" else None
     model = build_head(tuple(x_train.shape[1:]), settings, feature_stats=stats)  # type: ignore[arg-type]
-    _compile(model, settings, float(settings["learning_rate"]))
-
-    monitor = _Monitor(int(settings["patience"]), on_epoch_end)
-    model.fit(
-        x_train,
-        y_train,
-        batch_size=batch_size,
-        epochs=n_epochs,
-        class_weight=weights,
-        shuffle=True,
-        callbacks=[_epoch_callback(monitor, x_val, y_val, batch_size), *(callbacks or []), _hook_callback(monitor)],
-        verbose=verbose,
-    )
-    if monitor.best_weights is not None:
-        model.set_weights(monitor.best_weights)
-    return TrainResult(model, monitor.history, monitor.best_epoch, time.perf_counter() - start)
+    run = _Run(model, settings, _Monitor(settings.patience, on_epoch_end),
+               lambda m: predict_features(m, x_val), y_val, list(callbacks or []), verbose)  # fmt: skip
+    run.fit(
+        "head", float(settings.learning_rate), x_train, y_train,
+        batch_size=int(settings.batch_size), epochs=int(epochs if epochs is not None else settings.epochs),
+        class_weight=weights, shuffle=True,
+    )  # fmt: skip
+    return run.result(start)
 
 
 def _image_dataset(
@@ -361,126 +350,55 @@ def train_finetune(
     labels: np.ndarray,
     train_idx: Sequence[int] | np.ndarray,
     val_idx: Sequence[int] | np.ndarray,
-    settings: Mapping[str, Any],
+    settings: HybridSettings,
     seed: int,
     *,
     epochs: int | None = None,
     callbacks: list | None = None,
     on_epoch_end: EpochHook | None = None,
     verbose: int = 0,
-    deterministic: bool = True,
 ) -> TrainResult:
     """Train the whole hybrid end to end on images (finetune mode).
 
     images: uint8 (N, S0, S0, 3) cache; labels (N,); train_idx, val_idx: row indices.
     Training batches get random dihedral views (training only) and are resized to
-    settings["input_size"]; validation images are resized once, never augmented.
+    settings.input_size; validation images are resized once, never augmented.
     Phases: ``warmup_epochs`` with the backbone frozen at ``learning_rate``, then the top
     ``unfreeze_layers`` backbone layers unfrozen (0 = all; BatchNormalization stays frozen) at
     ``learning_rate * FINETUNE_LR_FACTOR`` up to ``epochs`` in total. Early stopping and the best
     weights span both phases (the patience count restarts when the backbone is unfrozen).
     """
-    import keras
-
     labels = np.asarray(labels).astype(np.int64)
-    train_rows = np.asarray(train_idx, dtype=np.int64)
-    val_rows = np.asarray(val_idx, dtype=np.int64)
+    train_rows, val_rows = np.asarray(train_idx, dtype=np.int64), np.asarray(val_idx, dtype=np.int64)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"finetune mode needs the uint8 (N, S, S, 3) image cache, got {images.dtype} {images.shape}")
     _check_split("training", train_rows, labels[train_rows])
     _check_split("validation", val_rows, labels[val_rows])
-    size = int(settings["input_size"])
-    batch_size = int(settings["batch_size"])
-    n_epochs = int(epochs if epochs is not None else settings["epochs"])
-    warmup = min(int(settings.get("warmup_epochs", 0)), n_epochs)
-    lr = float(settings["learning_rate"])
-    weights = class_weights(labels[train_rows]) if settings.get("class_weights", False) else None
+    size, batch_size = int(settings.input_size), int(settings.batch_size)
+    n_epochs = int(epochs if epochs is not None else settings.epochs)
+    warmup, lr = min(int(settings.warmup_epochs), n_epochs), float(settings.learning_rate)
+    weights = class_weights(labels[train_rows]) if settings.class_weights else None
 
     start = time.perf_counter()
-    keras.backend.clear_session()
-    set_seed(seed, deterministic)
+    fresh_model_scope(seed)
     model = build_hybrid(settings)
-    backbone = model.get_layer("backbone")
-    head = model.get_layer("head")
-    if settings.get("head_norm", "standardize") == "standardize":
+    if settings.head_norm == "standardize":
         # Statistics of the initial backbone's training features: exact during warm-up, a fixed
         # affine rescaling once the backbone starts to move.
-        maps = _backbone_features(backbone, images[train_rows], size, batch_size)
-        set_feature_stats(head, *channel_stats(maps))
-
+        maps = predict_batches(model.get_layer("backbone"), images, batch_size, rows=train_rows, eager=True,
+                               prepare=lambda block: resize_batch(block, size))  # fmt: skip
+        set_feature_stats(model.get_layer("head"), *channel_stats(maps))
     x_val = resize_batch(images[val_rows], size)
-    y_val = labels[val_rows]
+    run = _Run(model, settings, _Monitor(settings.patience, on_epoch_end),
+               lambda m: np.asarray(predict_batches(m, x_val, batch_size), dtype=np.float64),
+               labels[val_rows], list(callbacks or []), verbose)  # fmt: skip
     data = _image_dataset(images, labels, train_rows, size, batch_size, seed, weights)
-    monitor = _Monitor(int(settings["patience"]), on_epoch_end)
-
-    def run(phase: str, first: int, last: int, learning_rate: float) -> None:
-        monitor.phase = phase
-        _compile(model, settings, learning_rate)
-        model.fit(
-            data,
-            epochs=last,
-            initial_epoch=first,
-            callbacks=[
-                _epoch_callback(monitor, x_val, y_val, batch_size),
-                *(callbacks or []),
-                _hook_callback(monitor),
-            ],
-            verbose=verbose,
-        )
-
     if warmup > 0:
-        backbone.trainable = False
-        run("warmup", 0, warmup, lr)
+        model.get_layer("backbone").trainable = False
+        run.fit("warmup", lr, data, epochs=warmup, initial_epoch=0)
     if n_epochs > warmup:
-        trainable = unfreeze_top(model, int(settings.get("unfreeze_layers", 0)))
+        trainable = unfreeze_top(model, int(settings.unfreeze_layers))
         log.info("fine-tuning %d backbone layers at learning rate %g", trainable, lr * FINETUNE_LR_FACTOR)
-        monitor.wait = 0
-        run("finetune", warmup, n_epochs, lr * FINETUNE_LR_FACTOR)
-    if monitor.best_weights is not None:
-        model.set_weights(monitor.best_weights)
-    return TrainResult(model, monitor.history, monitor.best_epoch, time.perf_counter() - start)
-
-
-def _backbone_features(backbone: Any, images: np.ndarray, size: int, batch_size: int) -> np.ndarray:
-    """Feature maps of uint8 images, resized chunk by chunk (one pass per training run)."""
-    parts = [
-        forward(backbone, resize_batch(images[start : start + PREDICT_CHUNK], size), batch_size)
-        for start in range(0, images.shape[0], PREDICT_CHUNK)
-    ]
-    return np.concatenate(parts)
-
-
-def predict_probs(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities (N, 2) [p_healthy, p_all], float64.
-
-    x: feature maps (float, (N, H, W, C)) for a head (head mode), or uint8 images
-    (N, S0, S0, 3) for a hybrid (finetune mode), resized here to the model's input size.
-    """
-    return _predict(model, x, batch_size)
-
-
-def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Model outputs for x, float64, by ``predict_on_batch``: the per-epoch validation pass and
-    the final predictions alike.
-
-    ``predict`` would build a data iterator on every call, which measured 0.17-0.21 s per epoch
-    of head training (benchmarks/bench_training_loop.py). Feature maps (spatial side < 32) go in
-    batches of PREDICT_CHUNK; images in training batches, uint8 ones resized PREDICT_CHUNK rows at
-    a time.
-    """
-    x = np.asarray(x)
-    if x.shape[0] == 0:
-        out_shape = tuple(int(v) for v in model.output.shape[1:])
-        return np.zeros((0, *out_shape))
-    size = int(model.input.shape[1])
-    feature_maps = x.dtype != np.uint8 and x.ndim == 4 and x.shape[1] < 32
-    step = PREDICT_CHUNK if feature_maps else max(1, int(batch_size))
-    parts = []
-    for start in range(0, x.shape[0], PREDICT_CHUNK):
-        block = x[start : start + PREDICT_CHUNK]
-        if block.dtype == np.uint8:
-            block = resize_batch(block, size)
-        for first in range(0, block.shape[0], step):
-            out = model.predict_on_batch(block[first : first + step])
-            parts.append(np.asarray(keras_numpy(out), dtype=np.float64))
-    return np.concatenate(parts)
+        run.monitor.wait = 0
+        run.fit("finetune", lr * FINETUNE_LR_FACTOR, data, epochs=n_epochs, initial_epoch=warmup)
+    return run.result(start)

@@ -1,38 +1,45 @@
-# Helpers shared by the rules: path conventions, input functions and the config slices that
+# Helpers shared by the rules: the output trees, input functions and the settings slices that
 # rules receive through params. No rules here.
 
 from pathlib import Path
 
-from allfuse import config as afc
+from allfuse import settings as afs
 from allfuse.gpu import gpu_claim, thread_share
 
+# Three parallel output trees: results, one log per job, one Snakemake benchmark file per job.
 RESULTS = "results"
 LOGS = "logs"
-BENCH = "benchmarks"
+JOBSTATS = "jobstats"
 SCRIPTS = "../workflow_scripts"
+# Runtime paths under the results root, handed to the jobs that need them.
+GPU_LOCKS = f"{RESULTS}/.gpu_locks"
+MLFLOW_DIR = f"{RESULTS}/mlflow"
+STORE = f"{MLFLOW_DIR}/store.json"
 
-DATASETS = list(config["datasets"])
-BACKBONES = list(config["backbones"])
-ARCHIVES_NEEDED = afc.archives_needed(config)
-USES_DEMO = afc.uses_demo(config)
+# The validated config as typed settings, built once per Snakemake start.
+S = afs.from_config(config)
+DATASETS = list(S.datasets)
+BACKBONES = list(S.backbones)
+SEEDS = list(S.seeds)
+FOLD = int(S.split["fold"])
 # GPU jobs claim one unit of `--resources gpu=N` on a host with a GPU, none on a CPU-only host
 # (there they run side by side, paced by --cores and mem_mb); ALLFUSE_GPU_JOBS=1/0 overrides.
 GPU = gpu_claim()
 
 
 wildcard_constraints:
-    dataset="|".join(afc.DATASETS),
-    backbone="|".join(afc.BACKBONES),
+    dataset="|".join(afs.DATASETS),
+    backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
 
 
 def _check_archives():
     """Fail at start-up, naming the key, when a configured archive is missing."""
+    if S.uses_demo:
+        return
     problems = []
-    for name in ARCHIVES_NEEDED:
-        path = config["data"]["archives"].get(name)
-        if USES_DEMO:
-            continue
+    for name in S.archives_needed:
+        path = S.data["archives"].get(name)
         if path is None:
             problems.append(
                 f"data.archives.{name} is null but datasets {DATASETS} need it: "
@@ -52,68 +59,82 @@ _check_archives()
 
 def archive_input(wildcards):
     """The archive an ingestion job reads: the configured one, or the generated demo."""
-    if USES_DEMO:
+    if S.uses_demo:
         return f"{RESULTS}/demo/{wildcards.dataset}.zip"
-    return config["data"]["archives"][wildcards.dataset]
+    return S.data["archives"][wildcards.dataset]
 
 
 def groups_input(wildcards):
     """Slide groups for the grouped split protocol: the user's CSV or the demo's own."""
-    if config["data"]["groups_csv"]:
-        return [config["data"]["groups_csv"]]
-    if USES_DEMO:
+    if S.data["groups_csv"]:
+        return [S.data["groups_csv"]]
+    if S.uses_demo:
         return [f"{RESULTS}/demo/slide_groups.csv"]
     return []
 
 
-def data_targets():
-    return [f"{RESULTS}/splits/{dataset}.json" for dataset in DATASETS]
+def member_dir(dataset, backbone, seed):
+    return f"{RESULTS}/members/{dataset}/{backbone}/seed{seed}"
 
 
-def member_targets():
-    return [
-        f"{directory}/run.json"
-        for dataset in DATASETS
-        for backbone in BACKBONES
-        for directory in member_dirs(dataset, backbone)
-    ]
+def member_dirs(dataset, backbone):
+    return [member_dir(dataset, backbone, seed) for seed in SEEDS]
+
+
+def ensemble_dir(dataset, backbone):
+    return f"{RESULTS}/ensembles/{dataset}/{backbone}"
+
+
+# One MLflow parent run per ensemble, created by init_tracking before any member trains.
+ENSEMBLES = [
+    {
+        "dataset": d,
+        "backbone": b,
+        "parent": f"{RESULTS}/members/{d}/{b}/parent_run.json",
+        "manifest": f"{RESULTS}/data/{d}/manifest.csv",
+        "split": f"{RESULTS}/splits/{d}.json",
+    }
+    for d in DATASETS
+    for b in BACKBONES
+]
 
 
 def all_targets():
     # The metrics table takes every plot, ensemble and fusion as input: it pulls the whole DAG.
-    return data_targets() + member_targets() + [f"{RESULTS}/tables/metrics.csv"]
+    splits = [f"{RESULTS}/splits/{dataset}.json" for dataset in DATASETS]
+    members = [
+        f"{m}/run.json" for d in DATASETS for b in BACKBONES for m in member_dirs(d, b)
+    ]
+    return splits + members + [f"{RESULTS}/tables/metrics.csv"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Config slices handed to rules through params (Snakemake's params trigger reruns exactly the
+# Settings slices handed to rules through params (Snakemake's params trigger reruns exactly the
 # jobs whose slice changed).
 # ---------------------------------------------------------------------------------------------
 
 
-def settings_of(wildcards):
-    """Resolved hybrid settings of one backbone (hybrid defaults + its own block)."""
-    return afc.backbone_settings(config, wildcards.backbone)
+def hybrid_of(wildcards):
+    """One backbone's hybrid settings (hybrid defaults + its own block)."""
+    return S.hybrid(wildcards.backbone).as_params()
 
 
 def features_of(wildcards):
-    return afc.feature_settings(config, wildcards.backbone)
+    return S.hybrid(wildcards.backbone).features().as_params()
 
 
 def tune_of(wildcards):
-    return afc.tune_settings(config, wildcards.backbone)
+    return S.study(wildcards.backbone).as_params()
 
 
-def study_settings_of(wildcards):
-    return afc.study_settings(config, wildcards.backbone)
-
-
-def mode_of(backbone):
-    return afc.backbone_settings(config, backbone)["mode"]
+def study_base_of(wildcards):
+    """What a backbone's study depends on: its hybrid settings but the tuned keys and epochs."""
+    return S.hybrid(wildcards.backbone).study_view(S.study(wildcards.backbone).tuned)
 
 
 def training_data(wildcards, subsets=("train", "val", "test")):
     """Inputs a model of this backbone trains on: cached features (head) or images (finetune)."""
-    if mode_of(wildcards.backbone) == "head":
+    if S.hybrid(wildcards.backbone).mode == "head":
         base = f"{RESULTS}/features/{wildcards.dataset}/{wildcards.backbone}"
         return {subset: f"{base}/{subset}.npz" for subset in subsets}
     base = f"{RESULTS}/data/{wildcards.dataset}"
@@ -126,18 +147,11 @@ def tuning_data(wildcards):
 
 
 def best_params_input(wildcards):
-    if config["tune"]["n_trials"] > 0:
+    if S.study(wildcards.backbone).n_trials > 0:
         return [
             f"{RESULTS}/tune/{wildcards.dataset}/{wildcards.backbone}/best_params.json"
         ]
     return []
-
-
-SEEDS = list(config["ensemble"]["seeds"])
-
-
-def member_dirs(dataset, backbone):
-    return [f"{RESULTS}/members/{dataset}/{backbone}/seed{seed}" for seed in SEEDS]
 
 
 def tf_threads(wildcards, threads):

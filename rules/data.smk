@@ -12,7 +12,7 @@ rule make_demo_archives:
     conda:
         "../envs/data.yaml"
     params:
-        demo=config["demo"],
+        demo=S.demo,
     script:
         f"{SCRIPTS}/make_demo_archives.py"
 
@@ -26,14 +26,14 @@ rule ingest_archive:
     log:
         f"{LOGS}/data/{{dataset}}/ingest_archive.log",
     benchmark:
-        f"{BENCH}/data/{{dataset}}/ingest_archive.tsv"
+        f"{JOBSTATS}/data/{{dataset}}/ingest_archive.tsv"
     wildcard_constraints:
         dataset="ALL_IDB1|ALL_IDB2",
     conda:
         "../envs/data.yaml"
     params:
-        image_size=config["data"]["image_size"],
-        max_pixels=config["data"]["max_pixels"],
+        image_size=S.data["image_size"],
+        max_pixels=S.data["max_pixels"],
     script:
         f"{SCRIPTS}/ingest_archive.py"
 
@@ -41,9 +41,9 @@ rule ingest_archive:
 rule combine_datasets:
     input:
         manifests=expand(
-            f"{RESULTS}/data/{{archive}}/manifest.csv", archive=afc.ARCHIVES
+            f"{RESULTS}/data/{{archive}}/manifest.csv", archive=afs.ARCHIVES
         ),
-        images=expand(f"{RESULTS}/data/{{archive}}/images.npy", archive=afc.ARCHIVES),
+        images=expand(f"{RESULTS}/data/{{archive}}/images.npy", archive=afs.ARCHIVES),
     output:
         manifest=f"{RESULTS}/data/combined/manifest.csv",
         images=f"{RESULTS}/data/combined/images.npy",
@@ -66,6 +66,6 @@ rule make_splits:
     conda:
         "../envs/data.yaml"
     params:
-        split=config["split"],
+        split=S.split,
     script:
         f"{SCRIPTS}/make_splits.py"

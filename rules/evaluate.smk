@@ -1,15 +1,13 @@
 # Results: each backbone's deep ensemble, the fusion of the three hybrids (the paper's sum rule
 # and further rules), figures per dataset, and the metric, paper-comparison and referral tables.
-# The tables and figures are wired into `snakemake --report`. Inputs reach the library as
-# ordered lists (dataset, then backbone, then seed: the order of DATASETS, BACKBONES and SEEDS,
-# which the rules also pass as params); the library checks each run record against its slot.
+# The tables and figures are wired into `snakemake --report`. Each stage reads the run records
+# (run.json) of the stage before it, which say themselves which dataset, backbone and seed they
+# are; the predictions they name are listed as inputs too.
 
 from allfuse.plots import PLOT_KINDS
 
 EVALUATED_MEMBERS = [m for d in DATASETS for b in BACKBONES for m in member_dirs(d, b)]
-EVALUATED_ENSEMBLES = [
-    f"{RESULTS}/ensembles/{d}/{b}" for d in DATASETS for b in BACKBONES
-]
+EVALUATED_ENSEMBLES = [ensemble_dir(d, b) for d in DATASETS for b in BACKBONES]
 EVALUATED_PLOTS = [f"{RESULTS}/plots/{d}/{k}.png" for d in DATASETS for k in PLOT_KINDS]
 
 
@@ -20,7 +18,8 @@ rule aggregate_ensemble:
         ],
         runs=lambda w: [f"{m}/run.json" for m in member_dirs(w.dataset, w.backbone)],
         parent=f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json",
-        store=ancient(f"{RESULTS}/mlflow/store.json"),
+        split=f"{RESULTS}/splits/{{dataset}}.json",
+        store=ancient(STORE),
     output:
         predictions=f"{RESULTS}/ensembles/{{dataset}}/{{backbone}}/predictions.csv",
         run=f"{RESULTS}/ensembles/{{dataset}}/{{backbone}}/run.json",
@@ -33,8 +32,7 @@ rule aggregate_ensemble:
         mem_mb=1000,
         runtime=10,
     params:
-        seeds=SEEDS,
-        evaluation=config["evaluation"],
+        evaluation=S.evaluation.as_params(),
     script:
         f"{SCRIPTS}/aggregate_ensemble.py"
 
@@ -42,10 +40,10 @@ rule aggregate_ensemble:
 rule fuse_predictions:
     input:
         ensembles=lambda w: [
-            f"{RESULTS}/ensembles/{w.dataset}/{b}/predictions.csv" for b in BACKBONES
+            f"{ensemble_dir(w.dataset, b)}/predictions.csv" for b in BACKBONES
         ],
         ensemble_runs=lambda w: [
-            f"{RESULTS}/ensembles/{w.dataset}/{b}/run.json" for b in BACKBONES
+            f"{ensemble_dir(w.dataset, b)}/run.json" for b in BACKBONES
         ],
         # All members of all backbones: the fused uncertainty pools them.
         members=lambda w: [
@@ -57,7 +55,7 @@ rule fuse_predictions:
             f"{m}/run.json" for b in BACKBONES for m in member_dirs(w.dataset, b)
         ],
         split=f"{RESULTS}/splits/{{dataset}}.json",
-        store=ancient(f"{RESULTS}/mlflow/store.json"),
+        store=ancient(STORE),
     output:
         predictions=f"{RESULTS}/fusion/{{dataset}}/predictions.csv",
         weights=f"{RESULTS}/fusion/{{dataset}}/weights.json",
@@ -71,9 +69,8 @@ rule fuse_predictions:
         mem_mb=1000,
         runtime=10,
     params:
-        backbones=BACKBONES,
-        seeds=SEEDS,
-        evaluation=config["evaluation"],
+        evaluation=S.evaluation.as_params(),
+        fold=FOLD,
     script:
         f"{SCRIPTS}/fuse_predictions.py"
 
@@ -81,9 +78,13 @@ rule fuse_predictions:
 rule plot_results:
     input:
         ensembles=lambda w: [
-            f"{RESULTS}/ensembles/{w.dataset}/{b}/predictions.csv" for b in BACKBONES
+            f"{ensemble_dir(w.dataset, b)}/predictions.csv" for b in BACKBONES
+        ],
+        ensemble_runs=lambda w: [
+            f"{ensemble_dir(w.dataset, b)}/run.json" for b in BACKBONES
         ],
         fusion=f"{RESULTS}/fusion/{{dataset}}/predictions.csv",
+        fusion_run=f"{RESULTS}/fusion/{{dataset}}/run.json",
         split=f"{RESULTS}/splits/{{dataset}}.json",
     output:
         roc=report(
@@ -130,8 +131,7 @@ rule plot_results:
         mem_mb=1000,
         runtime=10,
     params:
-        backbones=BACKBONES,
-        ece_bins=config["evaluation"]["ece_bins"],
+        ece_bins=S.evaluation.ece_bins,
     script:
         f"{SCRIPTS}/plot_results.py"
 
@@ -146,7 +146,7 @@ rule evaluate:
         fusion_runs=[f"{RESULTS}/fusion/{d}/run.json" for d in DATASETS],
         splits=[f"{RESULTS}/splits/{d}.json" for d in DATASETS],
         plots=EVALUATED_PLOTS,
-        store=ancient(f"{RESULTS}/mlflow/store.json"),
+        store=ancient(STORE),
     output:
         metrics_csv=report(
             f"{RESULTS}/tables/metrics.csv",
@@ -176,7 +176,7 @@ rule evaluate:
     log:
         f"{LOGS}/tables/evaluate.log",
     benchmark:
-        f"{BENCH}/tables/evaluate.tsv"
+        f"{JOBSTATS}/tables/evaluate.tsv"
     conda:
         "../envs/evaluate.yaml"
     threads: 1
@@ -184,9 +184,6 @@ rule evaluate:
         mem_mb=2000,
         runtime=30,
     params:
-        datasets=DATASETS,
-        backbones=BACKBONES,
-        seeds=SEEDS,
-        evaluation=config["evaluation"],
+        evaluation=S.evaluation.as_params(),
     script:
         f"{SCRIPTS}/evaluate.py"

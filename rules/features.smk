@@ -14,7 +14,7 @@ rule extract_features:
     log:
         f"{LOGS}/features/{{dataset}}/{{backbone}}.log",
     benchmark:
-        f"{BENCH}/features/{{dataset}}/{{backbone}}.tsv"
+        f"{JOBSTATS}/features/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 4
@@ -25,7 +25,8 @@ rule extract_features:
         tf_threads=tf_threads,
     params:
         features=features_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
+        fold=FOLD,
+        deterministic=S.deterministic,
+        gpu_locks=GPU_LOCKS,
     script:
         f"{SCRIPTS}/extract_features.py"

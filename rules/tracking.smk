@@ -14,20 +14,17 @@ rule init_tracking:
         manifests=expand(f"{RESULTS}/data/{{dataset}}/manifest.csv", dataset=DATASETS),
         splits=expand(f"{RESULTS}/splits/{{dataset}}.json", dataset=DATASETS),
     output:
-        store=f"{RESULTS}/mlflow/store.json",
-        parents=expand(
-            f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json",
-            dataset=DATASETS,
-            backbone=BACKBONES,
-        ),
+        store=STORE,
+        parents=[e["parent"] for e in ENSEMBLES],
     log:
         f"{LOGS}/mlflow/init_tracking.log",
     conda:
         "../envs/evaluate.yaml"
     params:
-        tracking=afc.tracking_settings(config),
-        datasets=DATASETS,
-        backbones=BACKBONES,
+        tracking=S.tracking,
+        store_dir=lambda w, output: str(Path(output.store).parent),
+        ensembles=ENSEMBLES,
         seeds=SEEDS,
+        fold=FOLD,
     script:
         f"{SCRIPTS}/init_tracking.py"

@@ -7,6 +7,7 @@ rule train_member:
         split=f"{RESULTS}/splits/{{dataset}}.json",
         best=best_params_input,
         parent=ancient(f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json"),
+        store=ancient(STORE),
     output:
         model=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/model.keras",
         predictions=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/predictions.csv",
@@ -15,7 +16,7 @@ rule train_member:
     log:
         f"{LOGS}/members/{{dataset}}/{{backbone}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
+        f"{JOBSTATS}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 4
@@ -25,8 +26,9 @@ rule train_member:
         runtime=120,
         tf_threads=tf_threads,
     params:
-        settings=settings_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
+        settings=hybrid_of,
+        fold=FOLD,
+        deterministic=S.deterministic,
+        gpu_locks=GPU_LOCKS,
     script:
         f"{SCRIPTS}/train_member.py"

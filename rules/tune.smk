@@ -9,14 +9,14 @@ rule tune_backbone:
     input:
         unpack(tuning_data),
         split=f"{RESULTS}/splits/{{dataset}}.json",
-        store=ancient(f"{RESULTS}/mlflow/store.json"),
+        store=ancient(STORE),
     output:
         best=f"{RESULTS}/tune/{{dataset}}/{{backbone}}/best_params.json",
         trials=f"{RESULTS}/tune/{{dataset}}/{{backbone}}/trials.csv",
     log:
         f"{LOGS}/tune/{{dataset}}/{{backbone}}.log",
     benchmark:
-        f"{BENCH}/tune/{{dataset}}/{{backbone}}.tsv"
+        f"{JOBSTATS}/tune/{{dataset}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 4
@@ -26,9 +26,10 @@ rule tune_backbone:
         runtime=240,
         tf_threads=tf_threads,
     params:
-        settings=study_settings_of,
+        base=study_base_of,
         tune=tune_of,
-        fold=config["split"]["fold"],
-        deterministic=config["ensemble"]["deterministic"],
+        fold=FOLD,
+        deterministic=S.deterministic,
+        gpu_locks=GPU_LOCKS,
     script:
         f"{SCRIPTS}/tune_backbone.py"

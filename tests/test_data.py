@@ -1,4 +1,4 @@
-"""allfuse.data: layout validation, every bad input refused with nothing written, manifests, cache."""
+"""allfuse.ingest and allfuse.data: layout validation, bad input refused with nothing written, manifests, cache."""
 
 from __future__ import annotations
 
@@ -17,22 +17,10 @@ import pytest
 from PIL import Image
 
 from allfuse import cli
-from allfuse.data import (
-    MANIFEST_COLUMNS,
-    combine_datasets,
-    find_duplicates,
-    ingest_archive,
-    load_images,
-    make_image_id,
-    parse_image_name,
-    read_manifest,
-    scan_all,
-    scan_archive,
-    summarise,
-    write_dataset,
-)
+from allfuse.data import MANIFEST_COLUMNS, combine_datasets, find_duplicates, load_images, read_manifest, write_dataset
 from allfuse.errors import DataError
 from allfuse.files import read_csv, sha256_array, sha256_file
+from allfuse.ingest import ingest_archive, make_image_id, parse_image_name, scan_all, scan_archive, summarise
 
 BIG = 60_000_000  # the config default of data.max_pixels
 
@@ -352,9 +340,16 @@ def _which(fragment: str) -> str:
     return "ALL_IDB2" if "ALL_IDB2" in fragment else "ALL_IDB1"
 
 
+def _tree(root: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of everything under ``root``, links not followed: a
+    file written, replaced or removed anywhere below changes it (a folder's mtime too)."""
+    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*"))
+
+
 @pytest.mark.parametrize("build", BAD_INPUTS, ids=lambda f: f.__name__)
 def test_bad_input_is_refused_with_the_entry_named_and_nothing_written(tmp_path, idb, capsys, build):
     path, fragment, max_pixels = build(tmp_path, idb)
+    before = _tree(tmp_path)
 
     rc = cli.main(["inspect", str(path), "--max-pixels", str(max_pixels)])
     err = capsys.readouterr().err
@@ -362,13 +357,14 @@ def test_bad_input_is_refused_with_the_entry_named_and_nothing_written(tmp_path,
     assert err.startswith("allfuse: error: ") and fragment in err
     assert "Traceback" not in err
 
-    out = tmp_path / "out"
-    with warnings.catch_warnings(record=True) as seen, pytest.raises(DataError) as exc:
+    with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        rows, images = ingest_archive(path, _which(fragment), image_size=16, max_pixels=max_pixels)
-        write_dataset(out, rows, images)
+        with pytest.raises(DataError) as exc:
+            ingest_archive(path, _which(fragment), image_size=16, max_pixels=max_pixels)
     assert fragment in str(exc.value)
-    assert not out.exists()
+    # Neither inspect nor ingest wrote anything; the ingest rule, which writes only what
+    # ingest_archive returns, has nothing to write.
+    assert _tree(tmp_path) == before
     # PIL's decompression-bomb warning must become our message, not leak out as a warning.
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 

@@ -3,9 +3,14 @@
 - the DAG runs from an empty results folder to the metric tables, and the report builds;
 - a second invocation schedules nothing; a changed backbone setting reruns only its subtree; a
   changed MLflow experiment or URI retrains nothing;
-- every metrics.csv row names an MLflow run holding the commit, the resolved config and data hashes;
-- two runs from empty results folders give byte-identical metrics.csv;
-- a job killed with SIGKILL leaves nothing that looks finished, and the rerun completes.
+- every MLflow run follows the tag schema, with one config hash and the workflow's own commit;
+  every metrics.csv row names a run holding the resolved config and data hashes; a member's
+  MLflow test metrics are the table's;
+- a member killed mid-training (SIGKILL, at an epoch line) leaves nothing that looks finished,
+  its run ends KILLED, and the recovered DAG gives the same metrics as a clean run (run ids
+  included, but the retried member's, whose rerun is a new attempt in the same store);
+- a study killed mid-trial resumes where it stopped;
+- nothing is written into the source tree.
 
 Each run uses its own temporary working directory holding only config.yaml; the Snakefile (and
 its default profile) come from the repository.
@@ -16,22 +21,21 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from allfuse import tags as T
 from allfuse import tracking
-from test_workflow import job_counts
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 MICRO = {
     "datasets": ["ALL_IDB2"],
@@ -44,14 +48,8 @@ MICRO = {
         "idb2_per_class": 20,
         "idb2_size": 48,
     },
-    "hybrid": {
-        "gru_units": 8,
-        "dense_units": 8,
-        "batch_size": 16,
-        "epochs": 3,
-        "patience": 2,
-        "augment_views": 1,
-    },
+    # Ten epochs, no early stop: a member is still training when the kill test sees its first epoch.
+    "hybrid": {"gru_units": 8, "dense_units": 8, "batch_size": 16, "epochs": 10, "patience": 10, "augment_views": 1},
     "backbones": {
         "inceptionv3": {"input_size": 75},
         "efficientnetb3": {"input_size": 32},
@@ -63,36 +61,22 @@ MICRO = {
         "epochs": 2,
         "search_space": {"learning_rate": {"low": 0.0005, "high": 0.005, "log": True}},
     },
-    "evaluation": {"n_bootstrap": 100},
+    "evaluation": {"n_bootstrap": 100, "ece_bins": 5},
 }
 
 
-def write_config(workdir: Path, config: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "ALLFUSE_GPU_JOBS": "0"},
-    )
+def run_dag(smk, workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = smk.run(workdir, *args)
     if check and out.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))[-5:])
         raise AssertionError(f"snakemake {args} failed:\n{out.stderr[-6000:]}\n{logs}")
     return out
 
 
-def scheduled(workdir: Path) -> dict[str, int]:
+def scheduled(smk, workdir: Path) -> dict[str, int]:
     """Jobs a dry run would run, by rule ({} when nothing is to be done)."""
-    out = snakemake(workdir, "-n")
-    text = out.stdout + out.stderr
-    if "Nothing to be done" in text:
-        return {}
-    return job_counts(text)
+    out = run_dag(smk, workdir, "-n")
+    return smk.job_counts(out.stdout + out.stderr)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -100,11 +84,26 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def source_tree_status() -> set[str]:
+    """Files in the source tree that git does not track (ignored ones included), bytecode aside."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and "__pycache__" not in line}
+
+
+def store_runs(workdir: Path) -> tuple:
+    store = yaml.safe_load((workdir / "results" / "mlflow" / "store.json").read_text())
+    client = tracking.client(store["uri"])
+    return client, client.search_runs([store["experiment_id"]], max_results=1000)
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
+def finished(tmp_path_factory, smk) -> Path:
     workdir = tmp_path_factory.mktemp("e2e")
-    write_config(workdir, MICRO)
-    snakemake(workdir)
+    before = source_tree_status()
+    smk.write_config(workdir, MICRO)
+    run_dag(smk, workdir)
+    assert source_tree_status() - before == set()  # outputs, logs and job stats stay in the working directory
     return workdir
 
 
@@ -125,29 +124,29 @@ def test_dag_runs_to_the_tables(finished):
     assert (tables / "referral.csv").stat().st_size > 0
     plots = sorted((finished / "results" / "plots").rglob("*.png"))
     assert {p.stem for p in plots} >= {"roc", "reliability", "uncertainty", "referral", "confusion"}
-    # Every GPU job left a log and a benchmark record.
-    assert (finished / "logs" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.log").stat().st_size > 0
-    assert (finished / "benchmarks" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.tsv").exists()
+    # Every GPU job left a log and a benchmark record, in trees parallel to results/.
+    assert "epoch 10:" in (finished / "logs" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.log").read_text()
+    assert (finished / "jobstats" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.tsv").exists()
 
 
-def test_report_builds(finished):
-    snakemake(finished, "--report", "report.html")
+def test_report_builds(finished, smk):
+    run_dag(smk, finished, "--report", "report.html")
     html = (finished / "report.html").read_text(errors="replace")
     assert len(html) > 10_000 and "metrics" in html.lower()
 
 
-def test_second_invocation_schedules_nothing(finished):
-    assert scheduled(finished) == {}
+def test_second_invocation_schedules_nothing(finished, smk):
+    assert scheduled(smk, finished) == {}
 
 
-def test_changing_one_backbone_reruns_only_its_subtree(finished):
+def test_changing_one_backbone_reruns_only_its_subtree(finished, smk):
     config = copy.deepcopy(MICRO)
     config["backbones"]["mobilenetv2"]["epochs"] = 4
-    write_config(finished, config)
+    smk.write_config(finished, config)
     try:
-        counts = scheduled(finished)
+        counts = scheduled(smk, finished)
     finally:
-        write_config(finished, MICRO)
+        smk.write_config(finished, MICRO)
     assert counts.pop("train_member") == len(MICRO["ensemble"]["seeds"])
     assert counts.pop("aggregate_ensemble") == 1
     assert counts.pop("fuse_predictions") == 1
@@ -160,71 +159,68 @@ def test_changing_one_backbone_reruns_only_its_subtree(finished):
 @pytest.mark.parametrize(
     "tracking_change", [{"experiment": "renamed"}, {"uri": "sqlite:///results/mlflow/elsewhere.db"}]
 )
-def test_changing_tracking_settings_retrains_nothing(finished, tracking_change):
+def test_changing_tracking_settings_retrains_nothing(finished, smk, tracking_change):
     config = copy.deepcopy(MICRO)
     config["tracking"] = tracking_change
-    write_config(finished, config)
+    smk.write_config(finished, config)
     try:
-        counts = scheduled(finished)
+        counts = scheduled(smk, finished)
     finally:
-        write_config(finished, MICRO)
+        smk.write_config(finished, MICRO)
     for rule in ("extract_features", "tune_backbone", "train_member"):
         assert rule not in counts, counts
 
 
-def test_every_metrics_row_names_a_traceable_run(finished):
-    store = yaml.safe_load((finished / "results" / "mlflow" / "store.json").read_text())
-    client = tracking.client(store["uri"])
+def test_every_run_follows_the_tag_schema_with_one_config_hash_and_the_workflows_commit(finished):
+    client, runs = store_runs(finished)
+    levels = {r.data.tags.get(T.LEVEL) for r in runs}
+    assert levels == set(T.LEVELS)  # every kind of stage ran and was checked
+    problems = {r.info.run_name: T.check_tags(r.data.tags) for r in runs}
+    assert {name: p for name, p in problems.items() if p} == {}
+    assert len({r.data.tags[T.CONFIG_SHA256] for r in runs}) == 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert len(head) == 40 and {r.data.tags[T.GIT_COMMIT] for r in runs} == {head}  # not the workdir's "unknown"
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_every_metrics_row_names_a_traceable_run_with_the_tables_numbers(finished):
+    client, _ = store_runs(finished)
     for row in read_rows(finished / "results" / "tables" / "metrics.csv"):
         run = client.get_run(row["mlflow_run_id"])
         tags = run.data.tags
-        assert len(tags["allfuse.git_commit"]) >= 7 and tags["allfuse.git_dirty"] in ("true", "false", "unknown")
-        assert any(k.startswith("allfuse.sha256.") for k in tags), f"no data hashes on {row}"
+        assert any(k.startswith(T.SHA256) for k in tags), f"no data hashes on {row}"
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
         assert tracking.CONFIG_ARTIFACT in artifacts, f"no resolved config on run of {row}"
-        assert run.info.status == "FINISHED"
+        if row["level"] == "member":  # scored with evaluation.ece_bins 5, as the table is
+            assert f"{run.data.metrics['final_test_ece']:.6f}" == row["ece"]
+            assert f"{run.data.metrics['final_test_accuracy']:.6f}" == row["accuracy"]
 
 
-def test_two_runs_from_empty_results_give_identical_metrics(finished, tmp_path):
-    second = tmp_path / "again"
-    write_config(second, MICRO)
-    snakemake(second)
-    first_bytes = (finished / "results" / "tables" / "metrics.csv").read_bytes()
-    assert (second / "results" / "tables" / "metrics.csv").read_bytes() == first_bytes
-
-
-def _wait_for(path: Path, needle: str, timeout: float) -> None:
+def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
+        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
             return
-        time.sleep(0.5)
-    raise AssertionError(f"{needle!r} never appeared in {path}")
+        assert proc.poll() is None, f"Snakemake ended before {pattern!r} appeared in {path}"
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
 
 
-def _kill_job(workdir: Path, stage: str) -> None:
-    """SIGKILL the job process running a rule's script in ``workdir`` (not Snakemake itself)."""
-    pattern = f"{workdir}/.snakemake/scripts/tmp.*{stage}.py"
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    assert pids, f"no process runs {pattern}"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+def _kill_job(log: Path) -> None:
+    """SIGKILL the one job whose log this is (its first line names its pid), not Snakemake itself."""
+    pid = int(re.search(r"\(pid (\d+)\)", log.read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
 
 
-def _run_and_kill(workdir: Path, target: str, stage: str, log: Path, needle: str) -> None:
-    """Start Snakemake on ``target``, SIGKILL the ``stage`` job once ``needle`` is in its log."""
-    proc = subprocess.Popen(
-        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), target],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "ALLFUSE_GPU_JOBS": "0"},
-    )
+def _run_and_kill(smk, workdir: Path, target: str | None, log: Path, pattern: str) -> None:
+    """Start Snakemake (on ``target``, default the whole DAG), SIGKILL the job writing ``log``
+    once ``pattern`` is in it; Snakemake must fail."""
+    args = [smk.exe, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *([target] if target else [])]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "ALLFUSE_GPU_JOBS": "0"})  # fmt: skip
     try:
-        _wait_for(log, needle, timeout=600)
-        time.sleep(2)
-        _kill_job(workdir, stage)
+        _wait_for(log, pattern, proc, timeout=600)
+        _kill_job(log)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -232,40 +228,52 @@ def _run_and_kill(workdir: Path, target: str, stage: str, log: Path, needle: str
     assert proc.returncode != 0
 
 
-def test_killed_jobs_leave_nothing_finished_and_reruns_complete(tmp_path):
-    config = copy.deepcopy(MICRO)
-    config["backbones"] = {"mobilenetv2": {"input_size": 32}}
-    config["ensemble"] = {"seeds": [1]}
-    config["tune"]["n_trials"] = 3
-    config["hybrid"]["epochs"] = 30
-    config["hybrid"]["patience"] = 30
-    write_config(tmp_path, config)
-
-    # A study killed mid-trial: no best_params.json; the rerun resumes the study and completes it.
-    best = tmp_path / "results/tune/ALL_IDB2/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/mobilenetv2.log"
-    _run_and_kill(tmp_path, str(best.relative_to(tmp_path)), "tune_backbone", tune_log, "trial 0")
-    assert not best.exists()
-    snakemake(tmp_path, str(best.relative_to(tmp_path)))
-    assert best.exists()
-    assert "resumed" in tune_log.read_text()
-
-    # A member killed mid-training: no run.json (nor any other output); the rerun completes.
+def test_a_member_killed_mid_training_leaves_nothing_and_the_recovered_dag_matches_a_clean_run(
+    finished, smk, tmp_path
+):
+    smk.write_config(tmp_path, MICRO)
     member = tmp_path / "results/members/ALL_IDB2/mobilenetv2/seed1"
     member_log = tmp_path / "logs/members/ALL_IDB2/mobilenetv2/seed1.log"
-    _run_and_kill(tmp_path, f"{member.relative_to(tmp_path)}/run.json", "train_member", member_log, "MLflow run")
+    _run_and_kill(smk, tmp_path, None, member_log, r"epoch 1: ")
+    assert "epoch 10:" not in member_log.read_text()  # it was killed while training
     leftovers = [p.name for p in member.glob("*") if not p.name.startswith(".")] if member.exists() else []
     assert leftovers == []
-    snakemake(tmp_path, f"{member.relative_to(tmp_path)}/run.json")
-    assert (member / "run.json").exists()
 
-    # No run is left RUNNING by the dead processes: each was marked KILLED when its job reran.
-    store = yaml.safe_load((tmp_path / "results/mlflow/store.json").read_text())
-    client = tracking.client(store["uri"])
-    running = client.search_runs([store["experiment_id"]], filter_string="attributes.status = 'RUNNING'")
-    # Only ensemble parent runs stay RUNNING until their ensemble is aggregated.
-    assert all(r.data.tags.get("allfuse.level") == "ensemble" for r in running), [r.info.run_name for r in running]
-    killed = client.search_runs([store["experiment_id"]], filter_string="attributes.status = 'KILLED'")
-    names = {r.info.run_name for r in killed}
-    assert "member-ALL_IDB2-mobilenetv2-seed1" in names, names
-    assert any(name.startswith("study-") or name.startswith("trial") for name in names), names
+    run_dag(smk, tmp_path)
+    client, runs = store_runs(tmp_path)
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert [r.info.run_name for r in killed] == ["member-ALL_IDB2-mobilenetv2-seed1"]  # only the killed job's
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    clean = read_rows(finished / "results/tables/metrics.csv")
+    recovered = read_rows(tmp_path / "results/tables/metrics.csv")
+    retried = ("ALL_IDB2", "mobilenetv2", "member", "1")
+    assert len(clean) == len(recovered)
+    for a, b in zip(clean, recovered, strict=True):
+        key = (a["dataset"], a["model"], a["level"], a["seed"])
+        same = {k: v for k, v in a.items() if k != "mlflow_run_id"}
+        assert same == {k: v for k, v in b.items() if k != "mlflow_run_id"}, key  # the same numbers
+        # Run ids derive from provenance: equal across stores, except for the retried member's new attempt.
+        assert (a["mlflow_run_id"] == b["mlflow_run_id"]) == (key != retried), key
+
+
+def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
+    config = copy.deepcopy(MICRO)
+    config["backbones"] = {"mobilenetv2": {"input_size": 32}}
+    config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
+    smk.write_config(tmp_path, config)
+    best = tmp_path / "results/tune/ALL_IDB2/mobilenetv2/best_params.json"
+    tune_log = tmp_path / "logs/tune/ALL_IDB2/mobilenetv2.log"
+    _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
+    assert not best.exists()
+
+    run_dag(smk, tmp_path, str(best.relative_to(tmp_path)))
+    record = yaml.safe_load(best.read_text())
+    resumed = re.search(r"(\d+) of 3 trials finished \((\d+) resumed", tune_log.read_text())
+    assert resumed and resumed.groups() == ("1", "2")  # trial 0 finished, trials 0 and 1 in the file
+    assert record["n_complete"] + record["n_pruned"] == 3 and record["n_failed"] == 1
+
+    client, runs = store_runs(tmp_path)
+    studies = [r for r in runs if r.data.tags[T.LEVEL] == "study"]
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the killed study's run, resumed
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert [r.data.tags[T.TRIAL] for r in killed] == ["1"] and killed[0].data.tags[T.TRIAL_STATE] == "FAIL"

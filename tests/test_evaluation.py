@@ -1,171 +1,71 @@
 """Ensembles, fusion, metric tables, paper comparison and referral on hand-made prediction files.
 
-The results tree is built in tmp_path exactly as docs/ARCHITECTURE.md lays it out: 2 backbones
-x 2 seeds of member predictions, each with run.json, a parent_run.json per ensemble and a split
-file. No TensorFlow, no Snakemake; MLflow only in one test, on a sqlite store in tmp_path.
+The results tree (``prediction_tree`` / ``finished_tree`` of conftest) is laid out as
+docs/ARCHITECTURE.md says: per dataset 2 backbones x 2 seeds of member predictions, each with
+run.json, a parent_run.json per ensemble and a split file. Image k is val for k < 8, else test;
+labels alternate healthy / ALL; ALL_IDB2's images 3, 12 and 15 are got wrong by every member.
+No TensorFlow, no Snakemake; MLflow only in the last test, on the session's sqlite store.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from allfuse import evaluation as ev
+from allfuse import tags as T
 from allfuse.errors import DataError
+from allfuse.files import read_csv, read_json, write_csv
 from allfuse.fusion import RULES, fuse, validation_weights
-from allfuse.files import read_csv, read_json, write_csv, write_json
 from allfuse.metrics import METRIC_COLUMNS, wilson_interval
-from allfuse.uncertainty import decompose
+from allfuse.predictions import (
+    ENSEMBLE_COLUMNS,
+    FUSION_COLUMNS,
+    PREDICTION_COLUMNS,
+    Predictions,
+    load_ensemble,
+    load_member,
+    read_predictions,
+)
+from allfuse.reports import METRICS_TABLE_COLUMNS, REFERRAL_COLUMNS, paper_comparison_markdown
+from allfuse.settings import EvaluationSettings
 
-BACKBONES = ("inceptionv3", "mobilenetv2")
-SEEDS = (1, 2)
-N_VAL, N_TEST = 8, 10
-EVAL = {"n_bootstrap": 200, "seed": 0, "ci_level": 0.95, "ece_bins": 10, "referral_target_accuracy": 0.99}
-
-
-# The results map of docs/ARCHITECTURE.md.
-def member_dir(root: Path, dataset: str, backbone: str, seed: int) -> Path:
-    return root / "members" / dataset / backbone / f"seed{seed}"
-
-
-def parent_run_path(root: Path, dataset: str, backbone: str) -> Path:
-    return root / "members" / dataset / backbone / "parent_run.json"
-
-
-def ensemble_dir(root: Path, dataset: str, backbone: str) -> Path:
-    return root / "ensembles" / dataset / backbone
-
-
-def fusion_dir(root: Path, dataset: str) -> Path:
-    return root / "fusion" / dataset
-
-
-def split_path(root: Path, dataset: str) -> Path:
-    return root / "splits" / f"{dataset}.json"
-
-
-def images(dataset: str) -> list[tuple[str, str, int]]:
-    """(image_id, split, label): labels alternate healthy / ALL."""
-    rows = [(f"{dataset}/Im{k:03d}_{k % 2}", "val", k % 2) for k in range(N_VAL)]
-    rows += [(f"{dataset}/Im{k:03d}_{k % 2}", "test", k % 2) for k in range(N_VAL, N_VAL + N_TEST)]
-    return rows
-
-
-def p_true(k: int, backbone: int, seed: int, hard: frozenset[int]) -> float:
-    """Probability a member gives the true class of image k; 'hard' images are got wrong."""
-    if k in hard:
-        return 0.30 + 0.05 * ((backbone + seed) % 2)
-    return 0.95 - 0.05 * ((k + seed + backbone) % 4)
-
-
-def make_results(
-    root: Path,
-    datasets: tuple[str, ...] = ("ALL_IDB1", "ALL_IDB2"),
-    hard: dict[str, frozenset[int]] | None = None,
-    synthetic: bool = True,
-) -> None:
-    """Member predictions, run records, parent runs and split files under ``root``."""
-    hard = hard or {"ALL_IDB1": frozenset(), "ALL_IDB2": frozenset({3, 12, 15})}
-    for dataset in datasets:
-        write_json(split_path(root, dataset), {"dataset": dataset, "protocol": "paper", "synthetic": synthetic})
-        for bi, backbone in enumerate(BACKBONES):
-            write_json(parent_run_path(root, dataset, backbone), {"run_id": f"parent-{dataset}-{backbone}"})
-            for seed in SEEDS:
-                rows = []
-                for k, (image_id, split, label) in enumerate(images(dataset)):
-                    p = p_true(k, bi, seed, hard.get(dataset, frozenset()))
-                    p_all = p if label == 1 else 1.0 - p
-                    rows.append({"image_id": image_id, "split": split, "label": label,
-                                 "p_healthy": 1.0 - p_all, "p_all": p_all})  # fmt: skip
-                directory = member_dir(root, dataset, backbone, seed)
-                # Members write rows in their own order; the reader must not depend on it.
-                write_csv(directory / "predictions.csv", rows[::-1], ev.PREDICTION_COLUMNS)
-                write_json(
-                    directory / "run.json",
-                    {
-                        "run_id": f"run-{dataset}-{backbone}-{seed}",
-                        "dataset": dataset,
-                        "backbone": backbone,
-                        "seed": seed,
-                    },
-                )
-
-
-def aggregate(root: Path, dataset: str, backbone: str, store=None) -> dict:
-    dirs = [member_dir(root, dataset, backbone, s) for s in SEEDS]
-    out = ensemble_dir(root, dataset, backbone)
-    return ev.aggregate_ensemble(
-        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs], parent_run_path(root, dataset, backbone),
-        dataset=dataset, backbone=backbone, seeds=SEEDS, evaluation=EVAL, store=store,
-        out_predictions=out / "predictions.csv", out_run=out / "run.json",
-    )  # fmt: skip
-
-
-def fuse_dataset(root: Path, dataset: str, store=None) -> dict:
-    dirs = [member_dir(root, dataset, b, s) for b in BACKBONES for s in SEEDS]
-    ens = [ensemble_dir(root, dataset, b) for b in BACKBONES]
-    out = fusion_dir(root, dataset)
-    return ev.fuse_predictions(
-        [e / "predictions.csv" for e in ens], [e / "run.json" for e in ens],
-        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs], split_path(root, dataset),
-        dataset=dataset, backbones=BACKBONES, seeds=SEEDS, evaluation=EVAL, store=store,
-        out_predictions=out / "predictions.csv", out_weights=out / "weights.json", out_run=out / "run.json",
-    )  # fmt: skip
-
-
-def run_ensembles_and_fusion(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None) -> None:
-    for dataset in datasets:
-        for backbone in BACKBONES:
-            aggregate(root, dataset, backbone, store)
-        fuse_dataset(root, dataset, store)
-
-
-def run_evaluate(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None, plots=()) -> dict:
-    dirs = [member_dir(root, d, b, s) for d in datasets for b in BACKBONES for s in SEEDS]
-    ens = [ensemble_dir(root, d, b) for d in datasets for b in BACKBONES]
-    fus = [fusion_dir(root, d) for d in datasets]
-    tables = root / "tables"
-    return ev.evaluate(
-        [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs],
-        [e / "predictions.csv" for e in ens], [e / "run.json" for e in ens],
-        [f / "predictions.csv" for f in fus], [f / "run.json" for f in fus],
-        [split_path(root, d) for d in datasets],
-        datasets=datasets, backbones=BACKBONES, seeds=SEEDS, evaluation=EVAL, store=store, plots=plots,
-        out_metrics_csv=tables / "metrics.csv", out_metrics_md=tables / "metrics.md",
-        out_paper=tables / "paper_comparison.md", out_referral=tables / "referral.csv", out_run=tables / "run.json",
-    )  # fmt: skip
-
-
-def run_pipeline(root: Path, datasets=("ALL_IDB1", "ALL_IDB2"), store=None) -> dict:
-    run_ensembles_and_fusion(root, datasets, store)
-    return run_evaluate(root, datasets, store)
-
-
-@pytest.fixture()
-def results(tmp_path: Path) -> Path:
-    make_results(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A results tree run through every stage once, for tests that only read the tables."""
-    root = tmp_path_factory.mktemp("finished")
-    make_results(root)
-    run_pipeline(root)
-    return root
-
-
-def ensemble_csv(root: Path, dataset: str, backbone: str) -> dict[str, dict[str, str]]:
-    return {r["image_id"]: r for r in read_csv(ensemble_dir(root, dataset, backbone) / "predictions.csv")}
+EVALUATION = EvaluationSettings(n_bootstrap=200, seed=0, ci_level=0.95, ece_bins=10, referral_target_accuracy=0.99)
 
 
 def entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def csv_by_image(path) -> dict[str, dict[str, str]]:
+    return {r["image_id"]: r for r in read_csv(path)}
+
+
+def header_of(path) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return next(csv.reader(fh))
+
+
+def aggregate_with(tree, members, dataset: str = "ALL_IDB1", backbone: str = "inceptionv3") -> dict:
+    """aggregate_ensemble on hand-picked members, writing where the tree's ensemble would go."""
+    out = tree.ensemble_dir(dataset, backbone)
+    return ev.aggregate_ensemble(
+        members, parent_run_id=None, context=tree.context("aggregate_ensemble", dataset=dataset, backbone=backbone),
+        evaluation=tree.evaluation(), synthetic=True, out_predictions=out / "predictions.csv", out_run=out / "run.json",
+    )  # fmt: skip
+
+
+def fuse_with(tree, ensembles, members, dataset: str = "ALL_IDB2") -> dict:
+    """fuse_predictions on hand-picked ensembles and members, writing where the tree's fusion would go."""
+    out = tree.fusion_dir(dataset)
+    return ev.fuse_predictions(
+        ensembles, members, split=tree.split(dataset), context=tree.context("fuse_predictions", dataset=dataset),
+        evaluation=tree.evaluation(), fold=0, out_predictions=out / "predictions.csv",
+        out_weights=out / "weights.json", out_run=out / "run.json",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,14 +73,14 @@ def entropy(p: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_ensemble_mean_and_uncertainty_by_hand(results: Path) -> None:
-    run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    rows = ensemble_csv(results, "ALL_IDB2", "mobilenetv2")
-    assert len(rows) == N_VAL + N_TEST
-    assert list(read_csv(ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "predictions.csv")[0]) == list(
-        ev.ENSEMBLE_COLUMNS
-    )
-    # Image 3 (ALL, hard) for mobilenetv2 (index 1): seed 1 gives p_true 0.30, seed 2 gives 0.35.
+def test_ensemble_mean_and_uncertainty_by_hand(prediction_tree) -> None:
+    tree = prediction_tree
+    returned = tree.aggregate("ALL_IDB2", "mobilenetv2")
+    path = tree.ensemble_dir("ALL_IDB2", "mobilenetv2") / "predictions.csv"
+    assert header_of(path) == list(ENSEMBLE_COLUMNS)
+    rows = csv_by_image(path)
+    assert len(rows) == tree.N_VAL + tree.N_TEST
+    # Image 3 (ALL, hard, val) for mobilenetv2 (index 1): seed 1 gives p_true 0.30, seed 2 gives 0.35.
     row = rows["ALL_IDB2/Im003_1"]
     assert row["split"] == "val" and row["label"] == "1" and row["n_members"] == "2"
     assert float(row["p_all"]) == pytest.approx(0.325)
@@ -191,24 +91,34 @@ def test_ensemble_mean_and_uncertainty_by_hand(results: Path) -> None:
     assert float(row["spread"]) == pytest.approx(0.025)
     # Image 10 (healthy, test), mobilenetv2: p_true 0.95 - 0.05 * ((10+s+1) % 4) -> 0.95 (s=1), 0.90 (s=2).
     row = rows["ALL_IDB2/Im010_0"]
+    assert row["split"] == "test" and row["label"] == "0"
     assert float(row["p_all"]) == pytest.approx(1 - (0.95 + 0.90) / 2)
     assert float(row["spread"]) == pytest.approx(0.025)
-    record = read_json(ensemble_dir(results, "ALL_IDB2", "mobilenetv2") / "run.json")
-    assert record["run_id"] == "parent-ALL_IDB2-mobilenetv2"
+    record = read_json(tree.ensemble_dir("ALL_IDB2", "mobilenetv2") / "run.json")
+    assert record["dataset"] == "ALL_IDB2" and record["backbone"] == "mobilenetv2"
+    assert record["seeds"] == [1, 2] and record["n_members"] == 2
     assert record["member_run_ids"] == {"1": "run-ALL_IDB2-mobilenetv2-1", "2": "run-ALL_IDB2-mobilenetv2-2"}
-    assert record["n_members"] == 2
+    assert record["run_id"] is None  # no store, no run (the tree's parent ids are not runs)
+    # Test accuracy of the ensemble: test images 12 and 15 are wrong, 8/10 right.
+    assert record["test_accuracy"] == pytest.approx(0.8) and returned["test_accuracy"] == pytest.approx(0.8)
+    # The file reads back as the same ensemble.
+    loaded = load_ensemble(tree.ensemble_dir("ALL_IDB2", "mobilenetv2") / "run.json")
+    assert (loaded.dataset, loaded.backbone, loaded.predictions.n_members) == ("ALL_IDB2", "mobilenetv2", 2)
+    assert loaded.predictions.probs[list(loaded.predictions.image_id).index("ALL_IDB2/Im003_1"), 1] == pytest.approx(
+        0.325
+    )
 
 
-def test_members_on_different_images_or_labels_are_refused(results: Path) -> None:
-    path = member_dir(results, "ALL_IDB1", "inceptionv3", 2) / "predictions.csv"
-    rows = read_csv(path)
-    rows = [r for r in rows if r["image_id"] != "ALL_IDB1/Im004_0"]
+def test_members_on_different_images_or_labels_are_refused(prediction_tree) -> None:
+    tree = prediction_tree
+    path = tree.member_dir("ALL_IDB1", "inceptionv3", 2) / "predictions.csv"
+    rows = [r for r in read_csv(path) if r["image_id"] != "ALL_IDB1/Im004_0"]
     rows[0]["label"] = str(1 - int(rows[0]["label"]))
     rows[0]["p_all"], rows[0]["p_healthy"] = rows[0]["p_healthy"], rows[0]["p_all"]
-    write_csv(path, rows, ev.PREDICTION_COLUMNS)
-    out = ensemble_dir(results, "ALL_IDB1", "inceptionv3")
+    write_csv(path, rows, PREDICTION_COLUMNS)
+    out = tree.ensemble_dir("ALL_IDB1", "inceptionv3")
     with pytest.raises(DataError) as err:
-        aggregate(results, "ALL_IDB1", "inceptionv3")
+        tree.aggregate("ALL_IDB1", "inceptionv3")
     message = str(err.value)
     assert "same images with the same labels" in message
     assert "lacks 1 image(s)" in message and "ALL_IDB1/Im004_0" in message
@@ -216,18 +126,37 @@ def test_members_on_different_images_or_labels_are_refused(results: Path) -> Non
     assert not (out / "predictions.csv").exists() and not (out / "run.json").exists()
 
 
-def test_inputs_out_of_order_or_miscounted_are_refused(results: Path) -> None:
-    dirs = [member_dir(results, "ALL_IDB1", "inceptionv3", s) for s in SEEDS]
-    out = ensemble_dir(results, "ALL_IDB1", "inceptionv3")
-    common = dict(dataset="ALL_IDB1", backbone="inceptionv3", seeds=SEEDS, evaluation=EVAL, store=None,
-                  out_predictions=out / "predictions.csv", out_run=out / "run.json")  # fmt: skip
-    parent = parent_run_path(results, "ALL_IDB1", "inceptionv3")
-    preds, runs = [d / "predictions.csv" for d in dirs], [d / "run.json" for d in dirs]
-    with pytest.raises(DataError, match="seed 2 \\(expected 1\\); inputs are out of order"):
-        ev.aggregate_ensemble(preds[::-1], runs[::-1], parent, **common)
-    with pytest.raises(DataError, match="got 1 files for 2 expected"):
-        ev.aggregate_ensemble(preds[:1], runs[:1], parent, **common)
-    assert not (out / "predictions.csv").exists()
+@pytest.mark.parametrize(
+    "swap, wrong",
+    [
+        (("ALL_IDB1", "mobilenetv2", 2), "'mobilenetv2' for backbone (expected 'inceptionv3')"),
+        (("ALL_IDB2", "inceptionv3", 2), "'ALL_IDB2' for dataset (expected 'ALL_IDB1')"),
+    ],
+    ids=["other-backbone", "other-dataset"],
+)
+def test_members_of_another_job_are_refused(prediction_tree, swap, wrong: str) -> None:
+    tree = prediction_tree
+    members = [load_member(tree.member_dir("ALL_IDB1", "inceptionv3", 1) / "run.json"),
+               load_member(tree.member_dir(*swap) / "run.json")]  # fmt: skip
+    out = tree.ensemble_dir("ALL_IDB1", "inceptionv3")
+    with pytest.raises(DataError, match="ensemble ALL_IDB1/inceptionv3: inputs of another job") as err:
+        aggregate_with(tree, members)
+    assert wrong in str(err.value)
+    assert not (out / "predictions.csv").exists() and not (out / "run.json").exists()
+
+
+def test_a_duplicated_seed_or_no_member_is_refused(prediction_tree) -> None:
+    tree = prediction_tree
+    one = load_member(tree.member_dir("ALL_IDB1", "inceptionv3", 1) / "run.json")
+    two = load_member(tree.member_dir("ALL_IDB1", "inceptionv3", 2) / "run.json")
+    out = tree.ensemble_dir("ALL_IDB1", "inceptionv3")
+    with pytest.raises(DataError, match="seeds: given twice: 1;"):
+        aggregate_with(tree, [one, two, one])
+    with pytest.raises(DataError, match="nothing to combine"):
+        aggregate_with(tree, [])
+    assert not (out / "predictions.csv").exists() and not (out / "run.json").exists()
+    # The same members, each once and in any order, are accepted.
+    assert aggregate_with(tree, [two, one])["seeds"] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -238,13 +167,18 @@ def test_inputs_out_of_order_or_miscounted_are_refused(results: Path) -> None:
         (lambda rows: [dict(r, split="train") if i == 0 else r for i, r in enumerate(rows)], "split must be one of"),
         (lambda rows: rows + [rows[0]], "appears twice"),
     ],
+    ids=["missing-column", "sum-not-one", "bad-split", "duplicate-image"],
 )
-def test_bad_member_file_names_file_and_line(results: Path, edit, expected: str) -> None:
-    path = member_dir(results, "ALL_IDB1", "inceptionv3", 1) / "predictions.csv"
+def test_bad_member_file_names_file_and_line(prediction_tree, edit, expected: str) -> None:
+    path = prediction_tree.member_dir("ALL_IDB1", "inceptionv3", 1) / "predictions.csv"
     rows = edit(read_csv(path))
     write_csv(path, rows, list(rows[0]))
     with pytest.raises(DataError, match="predictions") as err:
-        ev.read_predictions(path)
+        read_predictions(path)
+    assert expected in str(err.value) and str(path) in str(err.value)
+    # The stage's loader reports the same.
+    with pytest.raises(DataError) as err:
+        load_member(path.parent / "run.json")
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
@@ -253,67 +187,91 @@ def test_bad_member_file_names_file_and_line(results: Path, edit, expected: str)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fusion_long_format_rules_and_pooled_uncertainty(results: Path) -> None:
-    run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    path = fusion_dir(results, "ALL_IDB2") / "predictions.csv"
-    with open(path, encoding="utf-8") as fh:
-        header = next(csv.reader(fh))
-    assert header == list(ev.FUSION_COLUMNS) and header[0] == "rule"
+def test_fusion_long_format_rules_and_pooled_uncertainty(prediction_tree) -> None:
+    tree = prediction_tree
+    tree.ensembles_and_fusion(("ALL_IDB2",))
+    path = tree.fusion_dir("ALL_IDB2") / "predictions.csv"
+    header = header_of(path)
+    assert header == list(FUSION_COLUMNS) and header[0] == "rule"
     rows = read_csv(path)
-    assert [r["rule"] for r in rows[:: N_VAL + N_TEST]] == list(RULES)
-    assert len(rows) == len(RULES) * (N_VAL + N_TEST)
+    n = tree.N_VAL + tree.N_TEST
+    assert [r["rule"] for r in rows[::n]] == list(RULES)
+    assert len(rows) == len(RULES) * n
     by_rule = {rule: {r["image_id"]: r for r in rows if r["rule"] == rule} for rule in RULES}
-    ens = {b: ensemble_csv(results, "ALL_IDB2", b) for b in BACKBONES}
+    ens = {b: csv_by_image(tree.ensemble_dir("ALL_IDB2", b) / "predictions.csv") for b in tree.BACKBONES}
     image = "ALL_IDB2/Im012_0"  # hard test image: every member is wrong
     sum_row = by_rule["sum"][image]
-    assert float(sum_row["p_all"]) == pytest.approx(np.mean([float(ens[b][image]["p_all"]) for b in BACKBONES]))
+    assert float(sum_row["p_all"]) == pytest.approx(np.mean([float(ens[b][image]["p_all"]) for b in tree.BACKBONES]))
     assert sum_row["split"] == "test" and sum_row["label"] == "0" and sum_row["n_members"] == "4"
-    # The uncertainty columns come from all 4 members pooled, identical for every rule.
-    members = np.stack(
-        [
-            [[float(r["p_healthy"]), float(r["p_all"])]
-             for r in sorted(read_csv(member_dir(results, "ALL_IDB2", b, s) / "predictions.csv"),
-                             key=lambda r: (r["split"], r["image_id"])) if r["image_id"] == image]  # fmt: skip
-            for b in BACKBONES
-            for s in SEEDS
-        ]
-    )
-    pooled = decompose(members)
-    for rule in RULES:
-        assert float(by_rule[rule][image]["mutual_information"]) == pytest.approx(pooled["mutual_information"][0])
-        assert float(by_rule[rule][image]["predictive_entropy"]) == pytest.approx(pooled["predictive_entropy"][0])
+    # Pooled by hand: p_true = 0.30 + 0.05 * ((b + s) % 2) gives p_all 0.65, 0.70, 0.70, 0.65 for
+    # (b, s) = (0, 1), (0, 2), (1, 1), (1, 2): mean 0.675, member entropies H(0.35), H(0.30) twice each.
+    total = entropy(0.675)
+    aleatoric = (entropy(0.35) + entropy(0.30)) / 2
+    for rule in RULES:  # the uncertainty columns come from all 4 members pooled, identical for every rule
+        row = by_rule[rule][image]
+        assert float(row["predictive_entropy"]) == pytest.approx(total)
+        assert float(row["expected_entropy"]) == pytest.approx(aleatoric)
+        assert float(row["mutual_information"]) == pytest.approx(total - aleatoric)
+        assert float(row["spread"]) == pytest.approx(0.025)
     # Every rule's probabilities match allfuse.fusion on the ensemble probabilities.
     ids = sorted(by_rule["sum"])
     model_probs = {
-        b: np.array([[float(ens[b][i]["p_healthy"]), float(ens[b][i]["p_all"])] for i in ids]) for b in BACKBONES
+        b: np.array([[float(ens[b][i]["p_healthy"]), float(ens[b][i]["p_all"])] for i in ids]) for b in tree.BACKBONES
     }
-    weights = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
+    weights = read_json(tree.fusion_dir("ALL_IDB2") / "weights.json")
     for rule in RULES:
         expected = fuse(model_probs, rule, weights=weights["weights"] if rule == "weighted_sum" else None)
         got = np.array([float(by_rule[rule][i]["p_all"]) for i in ids])
         np.testing.assert_allclose(got, expected[:, 1], rtol=1e-12)
+    record = read_json(tree.fusion_dir("ALL_IDB2") / "run.json")
+    assert record["rules"] == list(RULES) and record["backbones"] == list(tree.BACKBONES)
+    assert record["member_run_ids"]["inceptionv3"] == ["run-ALL_IDB2-inceptionv3-1", "run-ALL_IDB2-inceptionv3-2"]
 
 
-def test_fusion_weights_come_from_validation_only(results: Path) -> None:
-    run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    weights = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
-    assert weights["split"] == "val" and weights["n_val"] == N_VAL and weights["metric"] == "accuracy"
+def test_fusion_weights_come_from_validation_only(prediction_tree) -> None:
+    tree = prediction_tree
+    tree.ensembles_and_fusion(("ALL_IDB2",))
+    weights = read_json(tree.fusion_dir("ALL_IDB2") / "weights.json")
+    assert weights["split"] == "val" and weights["n_val"] == tree.N_VAL and weights["metric"] == "accuracy"
     # Spoil every test prediction of inceptionv3: the weights must not move.
-    for seed in SEEDS:
-        path = member_dir(results, "ALL_IDB2", "inceptionv3", seed) / "predictions.csv"
+    for seed in tree.SEEDS:
+        path = tree.member_dir("ALL_IDB2", "inceptionv3", seed) / "predictions.csv"
         rows = read_csv(path)
         for r in rows:
             if r["split"] == "test":
                 r["p_all"], r["p_healthy"] = r["p_healthy"], r["p_all"]
-        write_csv(path, rows, ev.PREDICTION_COLUMNS)
-    run_ensembles_and_fusion(results, ("ALL_IDB2",))
-    again = read_json(fusion_dir(results, "ALL_IDB2") / "weights.json")
+        write_csv(path, rows, PREDICTION_COLUMNS)
+    tree.ensembles_and_fusion(("ALL_IDB2",))
+    again = read_json(tree.fusion_dir("ALL_IDB2") / "weights.json")
+    # The spoiling reached the fusion (the sum rule's test accuracy fell) ...
+    assert read_json(tree.fusion_dir("ALL_IDB2") / "run.json")["sum_test_accuracy"] < 0.8
+    # ... but not the weights.
     assert again["weights"] == pytest.approx(weights["weights"])
-    ens = {b: ev.read_predictions(ensemble_dir(results, "ALL_IDB2", b) / "predictions.csv", True) for b in BACKBONES}
+    ens = {b: read_predictions(tree.ensemble_dir("ALL_IDB2", b) / "predictions.csv", True) for b in tree.BACKBONES}
     val = {b: p.subset("val") for b, p in ens.items()}
     expected = validation_weights({b: v.probs for b, v in val.items()}, val["inceptionv3"].label)
     assert again["weights"] == pytest.approx(expected)
     assert sum(again["weights"].values()) == pytest.approx(1.0)
+
+
+def test_fusion_inputs_of_another_dataset_are_refused(prediction_tree) -> None:
+    tree = prediction_tree
+    for dataset in ("ALL_IDB1", "ALL_IDB2"):
+        for backbone in tree.BACKBONES:
+            tree.aggregate(dataset, backbone)
+    ensembles, members = tree.ensembles("ALL_IDB2"), tree.members("ALL_IDB2")
+    out = tree.fusion_dir("ALL_IDB2")
+    stray_member = load_member(tree.member_dir("ALL_IDB1", "mobilenetv2", 1) / "run.json")
+    with pytest.raises(DataError, match="fusion of ALL_IDB2: inputs of another job") as err:
+        fuse_with(tree, ensembles, [*members[:-1], stray_member])
+    assert "'ALL_IDB1' for dataset (expected 'ALL_IDB2')" in str(err.value)
+    stray_ensemble = tree.ensembles("ALL_IDB1")[1]
+    with pytest.raises(DataError, match="fusion of ALL_IDB2: inputs of another job") as err:
+        fuse_with(tree, [ensembles[0], stray_ensemble], members)
+    assert "'ALL_IDB1' for dataset (expected 'ALL_IDB2')" in str(err.value)
+    assert not any((out / name).exists() for name in ("predictions.csv", "weights.json", "run.json"))
+    # The right inputs are accepted.
+    assert fuse_with(tree, ensembles, members)["dataset"] == "ALL_IDB2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,24 +279,31 @@ def test_fusion_weights_come_from_validation_only(results: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_metrics_csv_columns_rows_and_byte_identical_rerun(results: Path) -> None:
-    run_pipeline(results)
-    tables = results / "tables"
-    with open(tables / "metrics.csv", encoding="utf-8") as fh:
-        header = next(csv.reader(fh))
-    assert header == list(ev.METRICS_TABLE_COLUMNS)
+def test_metrics_csv_columns_rows_and_byte_identical_rerun(prediction_tree) -> None:
+    tree = prediction_tree
+    tree.pipeline()
+    tables = tree.tables()
+    header = header_of(tables / "metrics.csv")
+    assert header == list(METRICS_TABLE_COLUMNS)
     for column in ("dataset", "model", "level", "seed", "rule", "n_test", "accuracy", "accuracy_ci_low",
                    "accuracy_ci_high", "balanced_accuracy", "precision", "recall", "specificity", "f1", "mcc",
                    "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "brier", "nll", "ece", "tn", "fp", "fn",
                    "tp", "mlflow_run_id", "synthetic"):  # fmt: skip
         assert column in header
     rows = read_csv(tables / "metrics.csv")
-    per_dataset = len(BACKBONES) * len(SEEDS) + len(BACKBONES) + len(RULES)
+    n_members = len(tree.BACKBONES) * len(tree.SEEDS)
+    per_dataset = n_members + len(tree.BACKBONES) + len(RULES)
     assert len(rows) == 2 * per_dataset
-    assert [r["level"] for r in rows[:per_dataset]] == ["member"] * 4 + ["ensemble"] * 2 + ["fusion"] * len(RULES)
-    assert [r["rule"] for r in rows[6:per_dataset]] == list(RULES)
+    assert [r["dataset"] for r in rows] == ["ALL_IDB1"] * per_dataset + ["ALL_IDB2"] * per_dataset
+    assert [r["level"] for r in rows[:per_dataset]] == (
+        ["member"] * n_members + ["ensemble"] * len(tree.BACKBONES) + ["fusion"] * len(RULES)
+    )
+    assert [(r["model"], r["seed"]) for r in rows[:n_members]] == [
+        (b, str(s)) for b in tree.BACKBONES for s in tree.SEEDS
+    ]
+    assert [r["rule"] for r in rows[n_members + len(tree.BACKBONES) : per_dataset]] == list(RULES)
     assert {r["synthetic"] for r in rows} == {"1"}
-    assert {r["n_test"] for r in rows} == {str(N_TEST)}
+    assert {r["n_test"] for r in rows} == {str(tree.N_TEST)}
     member = next(r for r in rows if r["dataset"] == "ALL_IDB2" and r["model"] == "inceptionv3" and r["seed"] == "1")
     assert member["mlflow_run_id"] == "run-ALL_IDB2-inceptionv3-1" and member["rule"] == ""
     # ALL_IDB2 test images 12 (healthy) and 15 (ALL) are wrong for every member: 8/10 correct.
@@ -352,19 +317,22 @@ def test_metrics_csv_columns_rows_and_byte_identical_rerun(results: Path) -> Non
         for column in METRIC_COLUMNS:
             if column not in ("n_test", "tn", "fp", "fn", "tp"):
                 assert r[column] == "nan" or len(r[column].split(".")[1]) == 6
-    before = {name: (tables / name).read_bytes() for name in ("metrics.csv", "metrics.md", "referral.csv",
-                                                              "paper_comparison.md")}  # fmt: skip
-    run_pipeline(results)
-    assert {name: (tables / name).read_bytes() for name in before} == before
+    names = ("metrics.csv", "metrics.md", "referral.csv", "paper_comparison.md")
+    before = {name: (tables / name).read_bytes() for name in names}
+    tree.pipeline()
+    assert {name: (tables / name).read_bytes() for name in names} == before
 
 
-def test_metrics_markdown_names_the_data_and_methods(finished: Path) -> None:
-    text = (finished / "tables" / "metrics.md").read_text(encoding="utf-8")
+def test_metrics_markdown_names_the_data_and_methods(finished_tree) -> None:
+    text = (finished_tree.tables() / "metrics.md").read_text(encoding="utf-8")
     assert "Synthetic demo data" in text
-    assert "## ALL_IDB1 (synthetic demo data)" in text and "## ALL_IDB2" in text
-    assert "Wilson 95 % interval" in text and "200 resamples" in text
+    assert "## ALL_IDB1 (synthetic demo data)" in text and "## ALL_IDB2 (synthetic demo data)" in text
+    assert "Wilson 95 % interval" in text and "200 resamples" in text and "10 equal-width" in text
     assert "## Referral to an expert" in text
+    # ALL_IDB1's sum rule gets all 10 test images right; Wilson 95 % of 10/10 is (0.722, 1.0).
     assert "| fusion | fusion | sum | 10 | 100.00 % (72.2-100.0)" in text
+    # ALL_IDB2 member rows name their seed: 8/10 right, Wilson (0.490, 0.943).
+    assert "| inceptionv3 | member | seed 1 | 10 | 80.00 % (49.0-94.3)" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,27 +350,30 @@ def fusion_row(dataset: str, correct: int, n: int, synthetic: int) -> dict:
 
 def test_paper_comparison_in_and_out_of_interval() -> None:
     rows = [fusion_row("ALL_IDB1", 21, 22, 0), fusion_row("ALL_IDB2", 40, 52, 0), fusion_row("combined", 73, 74, 0)]
-    text = ev.paper_comparison_markdown(rows, EVAL, {"ALL_IDB1": "paper", "ALL_IDB2": "grouped"})
+    text = paper_comparison_markdown(rows, EVALUATION, {"ALL_IDB1": "paper", "ALL_IDB2": "grouped"})
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     # 21/22: Wilson (0.782, 0.992) excludes 100 %; 40/52: (0.638, 0.862) excludes 98.07 %; 73/74 includes 98.64 %.
-    assert (
-        lines["ALL_IDB1"].endswith("| no |") and "| 21/22 |" in lines["ALL_IDB1"] and "| 22/22 |" in lines["ALL_IDB1"]
-    )
+    assert lines["ALL_IDB1"].endswith("| no |")
+    assert "| 21/22 |" in lines["ALL_IDB1"] and "| 22/22 |" in lines["ALL_IDB1"]
     assert lines["ALL_IDB2"].endswith("| no |") and "| grouped |" in lines["ALL_IDB2"]
     assert lines["combined"].endswith("| yes |") and "| 98.64 % |" in lines["combined"]
     assert "| 85.1-100.0 % |" in lines["ALL_IDB1"]  # the paper's own Wilson interval, 22/22
     assert "Synthetic" not in text and "pipeline check" not in text
+    assert "Test-set sizes differ" not in text  # 22, 52 and 74 test images, as the paper's figures imply
     assert "100 % = 22/22" in text and "98.07 % = 51/52" in text and "98.64 % = 73/74" in text
 
 
-def test_paper_comparison_says_plainly_when_data_are_synthetic(finished: Path) -> None:
-    text = (finished / "tables" / "paper_comparison.md").read_text(encoding="utf-8")
+def test_paper_comparison_says_plainly_when_data_are_synthetic(finished_tree) -> None:
+    text = (finished_tree.tables() / "paper_comparison.md").read_text(encoding="utf-8")
     assert "Synthetic demo data (ALL_IDB1, ALL_IDB2)" in text
     assert "pipeline check, not a reproduction" in text
     # Our demo test sets have 10 images, not the 22/52 the paper's figures imply.
     assert "ALL_IDB1: our test split has 10 images; the paper's figure implies 22." in text
+    assert "ALL_IDB2: our test split has 10 images; the paper's figure implies 52." in text
     idb1 = next(line for line in text.splitlines() if line.startswith("| ALL_IDB1"))
-    assert "| 10/10 |" in idb1 and idb1.endswith("| yes |")  # 100 % lies in (0.722, 1.0)
+    assert "| 10/10 |" in idb1 and "| paper |" in idb1 and idb1.endswith("| yes |")  # 100 % lies in (0.722, 1.0)
+    idb2 = next(line for line in text.splitlines() if line.startswith("| ALL_IDB2"))
+    assert "| 8/10 |" in idb2 and idb2.endswith("| no |")  # 98.07 % lies above (0.490, 0.943)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,13 +381,14 @@ def test_paper_comparison_says_plainly_when_data_are_synthetic(finished: Path) -
 # ---------------------------------------------------------------------------------------------
 
 
-def test_referral_table_curves_and_validation_threshold(finished: Path) -> None:
-    rows = read_csv(finished / "tables" / "referral.csv")
-    assert list(rows[0]) == list(ev.REFERRAL_COLUMNS)
-    models = {(r["dataset"], r["model"], r["rule"]) for r in rows}
-    assert models == {(d, m, "") for d in ("ALL_IDB1", "ALL_IDB2") for m in BACKBONES} | {
-        ("ALL_IDB1", "fusion", "sum"),
-        ("ALL_IDB2", "fusion", "sum"),
+def test_referral_table_curves_and_validation_threshold(finished_tree) -> None:
+    tree = finished_tree
+    path = tree.tables() / "referral.csv"
+    assert header_of(path) == list(REFERRAL_COLUMNS)
+    rows = read_csv(path)
+    models = {(r["dataset"], r["model"], r["level"], r["rule"]) for r in rows}
+    assert models == {(d, m, "ensemble", "") for d in tree.DATASETS for m in tree.BACKBONES} | {
+        (d, "fusion", "fusion", "sum") for d in tree.DATASETS
     }
     n_points = 11
     assert len(rows) == len(models) * 2 * (n_points + 1)
@@ -433,14 +405,18 @@ def test_referral_table_curves_and_validation_threshold(finished: Path) -> None:
     # Validation's only error (image 3) is its most uncertain image; the threshold keeps the rest, so
     # on test the two wrong images (as uncertain as image 3) are referred and the rest are right.
     assert threshold["threshold"] != "" and threshold["target_accuracy"] == "0.990000"
-    assert threshold["val_retained_accuracy"] == "1.000000"
+    assert threshold["val_retained_accuracy"] == "1.000000" and threshold["val_referred_fraction"] == "0.125000"
     assert threshold["retained_accuracy"] == "1.000000" and threshold["n_referred"] == "2"
     assert threshold["accuracy_without_referral"] == "0.800000"
+    # ALL_IDB1: every image right; the threshold keeps them all.
+    easy = next(r for r in rows if r["dataset"] == "ALL_IDB1" and r["model"] == "fusion"
+                and r["uncertainty"] == "predictive_entropy" and r["kind"] == "threshold")  # fmt: skip
+    assert easy["n_referred"] == "0" and easy["retained_accuracy"] == "1.000000"
 
 
 def test_unreachable_referral_target_refers_everything() -> None:
     ids = np.array([f"x/{i}" for i in range(4)])
-    pred = ev.Predictions(
+    pred = Predictions(
         image_id=ids,
         split=np.array(["val", "val", "test", "test"]),
         label=np.array([0, 1, 0, 1]),
@@ -448,49 +424,62 @@ def test_unreachable_referral_target_refers_everything() -> None:
         extra={"predictive_entropy": np.array([0.5, 0.3, 0.6, 0.6]), "mutual_information": np.zeros(4)},
     )
     rows = ev.referral_rows("d", "m", "ensemble", None, pred, 0.99, synthetic=False)
-    for row in (r for r in rows if r["kind"] == "threshold"):
+    thresholds = [r for r in rows if r["kind"] == "threshold"]
+    assert [r["uncertainty"] for r in thresholds] == list(ev.REFERRAL_UNCERTAINTIES)
+    for row in thresholds:
         assert row["threshold"] is None and row["n_referred"] == 2 and row["referred_fraction"] == 1.0
         assert math.isnan(row["retained_accuracy"]) and row["accuracy_without_referral"] == 1.0
+        assert row["val_referred_fraction"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow (one test: a sqlite store in tmp_path)
+# MLflow (one test: the session's sqlite store)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_runs_are_logged_linked_and_finished(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_are_logged_linked_and_finished(prediction_tree, mlflow_store) -> None:
     from allfuse import tracking
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    info = tracking.init_tracking(
-        {"uri": "sqlite:///" + str(results / "mlflow.db"), "experiment": "unit"}, root=results
-    )
-    store = results / "store.json"
-    write_json(store, info)
-    datasets = ("ALL_IDB2",)
-    for backbone in BACKBONES:
-        parent = tracking.start_parent_run(info, f"ensemble-{backbone}", {"allfuse.level": "ensemble"})
-        write_json(parent_run_path(results, "ALL_IDB2", backbone), parent)
-    record = run_pipeline(results, datasets, store=store)
+    tree = prediction_tree
+    store = mlflow_store.experiment("evaluation-stages")
+    dataset = "ALL_IDB2"
+    parents = {}
+    for backbone in tree.BACKBONES:  # as init_tracking does before the members train
+        parents[backbone] = ev.start_ensemble_run(
+            tree.context("init_tracking", store, dataset=dataset, backbone=backbone), dataset, backbone,
+            seeds=tree.SEEDS, fold=0, split=tree.split(dataset), inputs={"split": tree.split(dataset)},
+            out=tree.parent_run(dataset, backbone),
+        )["run_id"]  # fmt: skip
+        assert read_json(tree.parent_run(dataset, backbone))["run_id"] == parents[backbone]
+    c = tracking.client(store.uri)
+    assert {c.get_run(p).info.status for p in parents.values()} == {"RUNNING"}
 
-    c = tracking.client(info["uri"])
-    for backbone in BACKBONES:
-        parent_id = read_json(parent_run_path(results, "ALL_IDB2", backbone))["run_id"]
-        parent = c.get_run(parent_id)
+    tree.ensembles_and_fusion((dataset,), store)
+    folder = tree.root / "plots" / dataset
+    from allfuse.plots import PLOT_KINDS, plot_dataset
+    from allfuse.predictions import load_fusion
+    from allfuse.stages import SplitFacts
+
+    plots = plot_dataset(tree.ensembles(dataset), load_fusion(tree.fusion_dir(dataset) / "run.json"),
+                         SplitFacts.read(tree.split(dataset)), outputs={k: folder / f"{k}.png" for k in PLOT_KINDS},
+                         ece_bins=10)  # fmt: skip
+    record = tree.evaluate((dataset,), store, plots=plots)
+
+    for backbone in tree.BACKBONES:  # the ensemble ends the parent run it resumed
+        parent = c.get_run(parents[backbone])
         assert parent.info.status == "FINISHED"
+        assert read_json(tree.ensemble_dir(dataset, backbone) / "run.json")["run_id"] == parents[backbone]
         assert parent.data.metrics["ensemble_test_accuracy"] == pytest.approx(0.8)
-        assert parent.data.tags["allfuse.member_run_ids"] == f"run-ALL_IDB2-{backbone}-1,run-ALL_IDB2-{backbone}-2"
-    fusion_record = read_json(fusion_dir(results, "ALL_IDB2") / "run.json")
+        assert parent.data.tags[T.MEMBER_RUN_IDS] == f"run-{dataset}-{backbone}-1,run-{dataset}-{backbone}-2"
+        assert parent.data.tags[T.N_MEMBERS] == "2" and parent.data.tags[T.BACKBONE] == backbone
+        assert {a.path for a in c.list_artifacts(parents[backbone], "ensemble")} == {"ensemble/predictions.csv"}
+    fusion_record = read_json(tree.fusion_dir(dataset) / "run.json")
     fusion = c.get_run(fusion_record["run_id"])
     assert fusion.info.status == "FINISHED"
-    assert (
-        fusion.data.tags["allfuse.ensemble_run.mobilenetv2"]
-        == read_json(parent_run_path(results, "ALL_IDB2", "mobilenetv2"))["run_id"]
-    )
-    assert (
-        fusion.data.tags["allfuse.member_runs.inceptionv3"] == "run-ALL_IDB2-inceptionv3-1,run-ALL_IDB2-inceptionv3-2"
-    )
+    assert fusion.data.tags[f"{T.ENSEMBLE_RUN}mobilenetv2"] == parents["mobilenetv2"]
+    assert fusion.data.tags[f"{T.MEMBER_RUNS}inceptionv3"] == f"run-{dataset}-inceptionv3-1,run-{dataset}-inceptionv3-2"
     assert "sum_test_accuracy" in fusion.data.metrics and "weighted_sum_test_nll" in fusion.data.metrics
+    assert fusion.data.metrics["sum_test_accuracy"] == pytest.approx(0.8)
     assert {a.path for a in c.list_artifacts(fusion.info.run_id, "fusion")} == {
         "fusion/predictions.csv",
         "fusion/weights.json",
@@ -498,13 +487,32 @@ def test_runs_are_logged_linked_and_finished(results: Path, monkeypatch: pytest.
 
     evaluate_run = c.get_run(record["run_id"])
     assert evaluate_run.info.status == "FINISHED"
-    assert evaluate_run.data.tags["allfuse.fusion_run.ALL_IDB2"] == fusion_record["run_id"]
-    assert evaluate_run.data.metrics["ALL_IDB2_sum_accuracy"] == pytest.approx(0.8)
+    assert read_json(tree.tables() / "run.json")["run_id"] == record["run_id"]
+    assert evaluate_run.data.tags[f"{T.FUSION_RUN}{dataset}"] == fusion_record["run_id"]
+    assert evaluate_run.data.tags[f"{T.ENSEMBLE_RUNS}{dataset}"] == ",".join(parents[b] for b in tree.BACKBONES)
+    assert evaluate_run.data.metrics[f"{dataset}_sum_accuracy"] == pytest.approx(0.8)
     assert {a.path for a in c.list_artifacts(record["run_id"], "tables")} == {
         "tables/metrics.csv",
         "tables/metrics.md",
         "tables/paper_comparison.md",
         "tables/referral.csv",
     }
-    rows = read_csv(results / "tables" / "metrics.csv")
+    assert {a.path for a in c.list_artifacts(record["run_id"], f"plots/{dataset}")} == {
+        f"plots/{dataset}/{k}.png" for k in PLOT_KINDS
+    }
+    rows = read_csv(tree.tables() / "metrics.csv")
     assert {r["mlflow_run_id"] for r in rows if r["level"] == "fusion"} == {fusion_record["run_id"]}
+    assert {r["model"]: r["mlflow_run_id"] for r in rows if r["level"] == "ensemble"} == parents
+
+    # Every run the stages made: two ensembles, the fusion, the evaluation; finished, on the tag
+    # schema, all under one config.
+    runs = c.search_runs([store.experiment_id], max_results=100)
+    assert sorted(r.info.run_id for r in runs) == sorted([*parents.values(), fusion_record["run_id"], record["run_id"]])
+    assert {r.info.run_id: r.data.tags[T.LEVEL] for r in runs} == {
+        parents["inceptionv3"]: "ensemble", parents["mobilenetv2"]: "ensemble",
+        fusion_record["run_id"]: "fusion", record["run_id"]: "evaluation",
+    }  # fmt: skip
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        assert T.check_tags(r.data.tags) == [], r.data.tags[T.LEVEL]
+    assert len({r.data.tags[T.CONFIG_SHA256] for r in runs}) == 1

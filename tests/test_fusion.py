@@ -176,7 +176,7 @@ def test_errors_name_the_problem() -> None:
         fuse(MODELS, "weighted_sum", {"inceptionv3": 1.0, "efficientnetb3": 1.0})
     with pytest.raises(ConfigError, match="not all zero"):
         fuse(MODELS, "weighted_sum", {k: 0.0 for k in MODELS})
-    with pytest.raises(DataError, match="row counts differ"):
+    with pytest.raises(DataError, match="image counts differ"):
         fuse({"a": probs(0.1, 0.2), "b": probs(0.3)}, "sum")
     with pytest.raises(DataError, match="at least one model"):
         fuse({}, "sum")

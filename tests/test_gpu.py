@@ -124,11 +124,25 @@ def test_two_processes_get_different_gpus_and_a_dead_process_frees_its_slot(tmp_
                 proc.wait(timeout=30)
 
 
-def test_enable_memory_growth_applies_to_visible_gpus_only():
-    tf = pytest.importorskip("tensorflow")
-    gpus = {device.name for device in tf.config.list_physical_devices("GPU")}
+def test_enable_memory_growth_applies_to_every_visible_gpu_and_survives_a_started_one(monkeypatch):
+    import types
+
+    import tensorflow as tf
+
+    devices = [types.SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(3)]
+    grown = []
+
+    def set_memory_growth(device, enable):
+        if device.name.endswith("2"):
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+        grown.append((device.name, enable))
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: devices if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", set_memory_growth)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     applied = gpu.enable_memory_growth()
-    assert set(applied) <= gpus  # [] on a CPU-only machine
+    assert applied == [d.name for d in devices[:2]] and grown == [(d.name, True) for d in devices[:2]]
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # JAX, should it be the backend
 
 
 @pytest.mark.parametrize(

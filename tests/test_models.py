@@ -14,7 +14,7 @@ import pytest
 from allfuse import models
 from allfuse.errors import ConfigError, WeightsError
 
-HEAD_SETTINGS = {"gru_units": 8, "bidirectional": False, "dense_units": 8, "dropout": 0.1}
+HEAD = {"gru_units": 8, "bidirectional": False, "dense_units": 8, "dropout": 0.1}
 
 
 def test_min_input_size_matches_keras_and_unknown_backbone_is_refused():
@@ -60,7 +60,7 @@ def test_configure_keras_home_sets_project_folder_only_when_unset(tmp_path):
     # A fresh process: Keras reads KERAS_HOME once, at its import.
     script = (
         "import os, sys\n"
-        "from allfuse.models import configure_keras_home\n"
+        "from allfuse.session import configure_keras_home\n"
         "home = configure_keras_home(sys.argv[1])\n"
         "print(home)\n"
         "print(os.environ['KERAS_HOME'])\n"
@@ -89,12 +89,12 @@ def test_channel_stats_standardise_and_floor_dead_channels():
     assert var[3] > 0  # floored: standardising the dead channel gives 0, not a division by zero
 
 
-def test_head_standardises_its_input_and_round_trips_through_keras_file(tmp_path):
+def test_head_standardises_its_input_and_round_trips_through_keras_file(tmp_path, hybrid):
     import keras
 
     rng = np.random.default_rng(1)
     x = rng.normal(100.0, 50.0, size=(16, 2, 3, 6)).astype(np.float32)
-    head = models.build_head((2, 3, 6), HEAD_SETTINGS, feature_stats=models.channel_stats(x))
+    head = models.build_head((2, 3, 6), hybrid(**HEAD), feature_stats=models.channel_stats(x))
     assert head.output.shape[1:] == (2,)
     norm = keras.Model(head.input, head.get_layer("feature_norm").output)
     z = np.asarray(norm.predict(x, verbose=0)).reshape(-1, 6)
@@ -108,26 +108,25 @@ def test_head_standardises_its_input_and_round_trips_through_keras_file(tmp_path
     np.testing.assert_allclose(np.asarray(again.predict(x, verbose=0)), probs, atol=1e-6)
 
 
-def test_head_variants_build_for_each_backbone_feature_shape():
+def test_head_variants_build_for_each_backbone_feature_shape(hybrid):
     for backbone, size in (("inceptionv3", 139), ("efficientnetb3", 96), ("mobilenetv2", 96)):
         shape = models.feature_map_shape(backbone, size)
-        uni = models.build_head(shape, HEAD_SETTINGS)
-        bi = models.build_head(shape, {**HEAD_SETTINGS, "bidirectional": True, "head_norm": "layer"})
+        uni = models.build_head(shape, hybrid(**HEAD))
+        bi = models.build_head(shape, hybrid(**{**HEAD, "bidirectional": True, "head_norm": "layer"}))
+        none = models.build_head(shape, hybrid(**HEAD, head_norm="none"))
         assert tuple(uni.input.shape[1:]) == shape and tuple(uni.output.shape[1:]) == (2,)
         assert tuple(bi.output.shape[1:]) == (2,)
         # A bidirectional GRU doubles the recurrent weights and the recurrent branch's width.
         assert bi.count_params() > uni.count_params()
-    with pytest.raises(ConfigError, match="head_norm"):
-        models.build_head((1, 1, 4), {**HEAD_SETTINGS, "head_norm": "batch"})
+        assert "feature_norm" not in [layer.name for layer in none.layers]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("backbone", "size"), [("inceptionv3", 107), ("efficientnetb3", 65), ("mobilenetv2", 33)])
-def test_hybrid_builds_with_backbone_preprocessing_and_two_probabilities(backbone, size):
+def test_hybrid_builds_with_backbone_preprocessing_and_two_probabilities(backbone, size, hybrid):
     import keras
 
-    settings = {**HEAD_SETTINGS, "backbone": backbone, "input_size": size, "weights": None}
-    model = models.build_hybrid(settings)
+    model = models.build_hybrid(hybrid(**HEAD, backbone=backbone, input_size=size, weights=None))
     assert tuple(model.input.shape[1:]) == (size, size, 3)
     assert tuple(model.output.shape[1:]) == (2,)
     # The sizes sit just above a step of each network's arithmetic (2x2 or 3x3 maps).

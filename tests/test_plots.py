@@ -2,43 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from allfuse import evaluation as ev
-from allfuse.errors import ConfigError
+from allfuse.errors import ConfigError, DataError
 from allfuse.plots import PLOT_KINDS, _roc_points, plot_dataset, plot_roc
-from test_evaluation import BACKBONES, ensemble_dir, fusion_dir, make_results, run_ensembles_and_fusion, split_path
+from allfuse.predictions import Predictions, load_fusion
+from allfuse.stages import SplitFacts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plots")
-    make_results(root, datasets=("ALL_IDB2",))
-    run_ensembles_and_fusion(root, datasets=("ALL_IDB2",))
-    return root
+DATASET = "ALL_IDB2"
 
 
 def outputs(folder: Path) -> dict[str, Path]:
     return {kind: folder / f"{kind}.png" for kind in PLOT_KINDS}
 
 
-def plot(results: Path, out: dict[str, Path]) -> list[str]:
+def plot(tree, out: dict[str, Path], dataset: str = DATASET, split: SplitFacts | None = None, ensembles=None):
+    """plot_dataset on the finished tree's ensembles and fusion of ``dataset``."""
     return plot_dataset(
-        [ensemble_dir(results, "ALL_IDB2", b) / "predictions.csv" for b in BACKBONES],
-        fusion_dir(results, "ALL_IDB2") / "predictions.csv",
-        split_path(results, "ALL_IDB2"),
-        dataset="ALL_IDB2", backbones=BACKBONES, outputs=out, ece_bins=10,
+        tree.ensembles(dataset) if ensembles is None else ensembles,
+        load_fusion(tree.fusion_dir(dataset) / "run.json"),
+        split or SplitFacts.read(tree.split(dataset)),
+        outputs=out, ece_bins=10,
     )  # fmt: skip
 
 
-def test_every_plot_is_written_non_empty_and_deterministic(results: Path, tmp_path: Path) -> None:
+def test_every_plot_is_written_non_empty_and_deterministic(finished_tree, tmp_path: Path) -> None:
     first = outputs(tmp_path / "a")
-    written = plot(results, first)
+    written = plot(finished_tree, first)
     assert written == [str(first[k]) for k in PLOT_KINDS]
     for path in first.values():
         data = path.read_bytes()
@@ -47,16 +42,41 @@ def test_every_plot_is_written_non_empty_and_deterministic(results: Path, tmp_pa
     # No temporary file left beside the figures.
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(f"{k}.png" for k in PLOT_KINDS)
     second = outputs(tmp_path / "b")
-    plot(results, second)
+    plot(finished_tree, second)
     for kind in PLOT_KINDS:
         assert first[kind].read_bytes() == second[kind].read_bytes(), kind
+    # The figures show the data: another dataset's results draw other pictures.
+    other = outputs(tmp_path / "c")
+    plot(finished_tree, other, dataset="ALL_IDB1")
+    assert first["confusion"].read_bytes() != other["confusion"].read_bytes()
 
 
-def test_plot_outputs_must_name_every_kind(results: Path, tmp_path: Path) -> None:
+def test_plot_titles_say_when_data_are_synthetic(finished_tree, tmp_path: Path) -> None:
+    split = SplitFacts.read(finished_tree.split(DATASET))
+    assert split.synthetic
+    synthetic, real = outputs(tmp_path / "synthetic"), outputs(tmp_path / "real")
+    plot(finished_tree, synthetic, split=split)
+    plot(finished_tree, real, split=replace(split, synthetic=False))
+    for kind in PLOT_KINDS:  # only the title differs
+        assert synthetic[kind].read_bytes() != real[kind].read_bytes(), kind
+
+
+def test_plot_outputs_must_name_every_kind(finished_tree, tmp_path: Path) -> None:
     partial = outputs(tmp_path)
     del partial["roc"]
     with pytest.raises(ConfigError, match="missing \\['roc'\\]"):
-        plot(results, partial)
+        plot(finished_tree, partial)
+    extra = outputs(tmp_path) | {"pie": tmp_path / "pie.png"}
+    with pytest.raises(ConfigError, match="unknown \\['pie'\\]"):
+        plot(finished_tree, extra)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ensembles_of_another_dataset_are_refused(finished_tree, tmp_path: Path) -> None:
+    stray = [finished_tree.ensembles(DATASET)[0], finished_tree.ensembles("ALL_IDB1")[1]]
+    with pytest.raises(DataError, match=f"plots of {DATASET}: ensembles of another dataset \\(mobilenetv2\\)"):
+        plot(finished_tree, outputs(tmp_path), ensembles=stray)
+    assert not any(tmp_path.iterdir())
 
 
 def test_roc_points_match_scikit_learn() -> None:
@@ -72,7 +92,7 @@ def test_roc_points_match_scikit_learn() -> None:
 
 
 def test_roc_plot_of_a_single_class_test_set_still_renders(tmp_path: Path) -> None:
-    pred = ev.Predictions(
+    pred = Predictions(
         image_id=np.array(["a", "b", "c"]),
         split=np.array(["test"] * 3),
         label=np.array([1, 1, 1]),
@@ -80,4 +100,5 @@ def test_roc_plot_of_a_single_class_test_set_still_renders(tmp_path: Path) -> No
     )
     path = tmp_path / "roc.png"
     plot_roc({"only ALL": pred}, path, "one class")
-    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000

@@ -1,106 +1,90 @@
-"""MLflow tracking helpers: store creation, nesting across processes, reaping dead runs, concurrency."""
+"""MLflow tracking helpers: store creation, runs across processes, reaping dead runs, concurrency, ids."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
 from allfuse import tracking
+from allfuse import tags as T
+from allfuse.stages import init_tracking
 
 
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    info = tracking.init_tracking({"uri": None, "experiment": "unit"}, root=tmp_path)
-    return info
+    return init_tracking({"uri": None, "experiment": "unit"}, tmp_path / "mlflow")
 
 
 def test_resolve_uri_defaults_and_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = tracking.resolve_uri(None, tmp_path)
-    assert default == "sqlite:///" + str((tmp_path / "results/mlflow/mlflow.db").resolve())
-    assert tracking.resolve_uri("sqlite:///x/db.sqlite", tmp_path).endswith(str(tmp_path / "x/db.sqlite"))
+    default = tracking.resolve_uri(None, tmp_path / "store")
+    assert default == "sqlite:///" + str((tmp_path / "store/mlflow.db").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri("sqlite:///x/db.sqlite", "ignored") == "sqlite:///" + str(tmp_path / "x/db.sqlite")
+    assert tracking.resolve_uri("sqlite:////abs/db.sqlite", "ignored") == "sqlite:////abs/db.sqlite"
     assert tracking.resolve_uri("http://tracking:5000", tmp_path) == "http://tracking:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://shared:5000")
     assert tracking.resolve_uri(None, tmp_path) == "http://shared:5000"
 
 
-def test_init_store_is_idempotent_and_puts_artifacts_under_results(tmp_path, store):
-    again = tracking.init_tracking({"uri": None, "experiment": "unit"}, root=tmp_path)
-    assert again["experiment_id"] == store["experiment_id"]
-    exp = tracking.client(store["uri"]).get_experiment(store["experiment_id"])
-    assert exp.artifact_location.startswith((tmp_path / "results/mlflow/artifacts").resolve().as_uri())
+def test_init_store_is_idempotent_and_puts_artifacts_under_the_store(tmp_path, store):
+    again = init_tracking({"uri": None, "experiment": "unit"}, tmp_path / "mlflow")
+    assert again == store
+    exp = tracking.client(store.uri).get_experiment(store.experiment_id)
+    assert exp.artifact_location == (tmp_path / "mlflow/artifacts/unit").resolve().as_uri()
+    assert tracking.experiment_id(store.uri, "unit") == store.experiment_id
+    with pytest.raises(LookupError, match="init_tracking"):
+        tracking.experiment_id(store.uri, "never-made")
 
 
-def test_child_runs_nest_under_parent_and_end_with_status(store):
-    parent = tracking.start_parent_run(store, "ensemble-x", {"allfuse.level": "ensemble"})
-    with tracking.tracked_run(store["uri"], "unit", "member-ok", tags={}, parent_run_id=parent["run_id"]) as run:
-        run.log_params({"a": 1, "nested": {"b": [1, 2]}})
-        run.log_metrics({"val_loss": 0.5}, step=3)
-    with pytest.raises(RuntimeError):
-        with tracking.tracked_run(store["uri"], "unit", "member-bad", parent_run_id=parent["run_id"]) as bad:
-            raise RuntimeError("boom")
-    c = tracking.client(store["uri"])
+def test_runs_nest_log_and_end_with_each_status(store):
+    parent = tracking.create_run(store.uri, store.experiment_id, "ensemble-x", {T.LEVEL: "ensemble"})
+    run = tracking.create_run(store.uri, store.experiment_id, "member-ok", {}, parent_run_id=parent.run_id)
+    run.log_params({"a": 1, "nested": {"b": [1, 2]}})
+    run.log_metrics({"val_loss": 0.5, "undefined": float("nan")}, step=3)
+    run.set_status("FINISHED")
+    c = tracking.client(store.uri)
     ok = c.get_run(run.run_id)
     assert ok.info.status == "FINISHED"
-    assert ok.data.tags["mlflow.parentRunId"] == parent["run_id"]
+    assert ok.data.tags[T.MLFLOW_PARENT] == parent.run_id
     assert ok.data.params["nested.b"] == "[1, 2]"
     assert c.get_metric_history(run.run_id, "val_loss")[0].step == 3
-    assert c.get_run(bad.run_id).info.status == "FAILED"
+    assert "undefined" not in ok.data.metrics  # NaN is left out
+    parent.set_status("KILLED")
+    assert c.get_run(parent.run_id).info.status == "KILLED"
+    parent.set_status("RUNNING")  # a resumed study reopens its run
+    assert c.get_run(parent.run_id).info.status == "RUNNING"
 
 
-def test_one_parent_run_per_ensemble_with_its_data_hashes(store, tmp_path):
-    data = {}
-    for dataset in ("ALL_IDB1", "ALL_IDB2"):
-        manifest, split = tmp_path / f"{dataset}.csv", tmp_path / f"{dataset}.json"
-        manifest.write_text(f"image_id\n{dataset}\n")
-        split.write_text(json.dumps({"dataset": dataset}))
-        data[dataset] = {"manifest": str(manifest), "split": str(split)}
-    outputs = {(d, b): str(tmp_path / d / b / "parent_run.json") for d in data for b in ("mobilenetv2", "inceptionv3")}
-    parents = tracking.start_ensemble_runs(store, outputs, data, [1, 2], {"datasets": list(data)})
-    assert set(parents) == set(outputs)
-    c = tracking.client(store["uri"])
-    for (dataset, backbone), out in outputs.items():
-        written = json.loads(open(out).read())
-        assert written == parents[(dataset, backbone)] and written["tracking_uri"] == store["uri"]
-        run = c.get_run(written["run_id"])
-        assert run.info.run_name == f"ensemble-{dataset}-{backbone}"
-        tags = run.data.tags
-        assert (tags["allfuse.level"], tags["allfuse.dataset"], tags["allfuse.backbone"]) == (
-            "ensemble",
-            dataset,
-            backbone,
-        )
-        assert tags["allfuse.rule"] == "init_tracking"
-        assert tags["allfuse.sha256.split"] == tracking.sha256_file(data[dataset]["split"])
-    assert len({p["run_id"] for p in parents.values()}) == len(outputs)
-
-
-def test_dead_run_of_same_job_is_marked_killed(store):
+def test_dead_run_of_same_job_is_marked_killed_and_a_kept_one_is_not(store):
     # A run whose owner process is gone (as after SIGKILL) is reaped when the same job starts again.
-    job_tags = {tracking.JOB_TAG: "train_member/ALL_IDB2/mobilenetv2/1"}
+    job = {T.JOB: "train_member/ALL_IDB2/mobilenetv2/1"}
     code = textwrap.dedent(
         f"""
-        import os
+        import os, socket
         from allfuse import tracking
-        run = tracking.create_run({store['uri']!r}, "unit", "doomed", tags={{**{job_tags!r},
-            "allfuse.host": __import__("socket").gethostname(), "allfuse.pid": str(os.getpid())}})
-        print(run.run_id)
-        os._exit(0)  # dies without ending the run, like a SIGKILLed job
+        for name in ("doomed", "kept"):
+            run = tracking.create_run({store.uri!r}, {store.experiment_id!r}, name,
+                                      {{**{job!r}, "allfuse.host": socket.gethostname(), "allfuse.pid": str(os.getpid())}})
+            print(run.run_id)
+        os._exit(0)  # dies without ending the runs, like a SIGKILLed job
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    dead_id = out.stdout.strip().splitlines()[-1]
-    c = tracking.client(store["uri"])
+    dead_id, kept_id = out.stdout.strip().splitlines()[-2:]
+    c = tracking.client(store.uri)
     assert c.get_run(dead_id).info.status == "RUNNING"
-    with tracking.tracked_run(store["uri"], "unit", "again", tags=job_tags):
-        pass
+    other_job = tracking.reap_dead_runs(store.uri, store.experiment_id, "train_member/ALL_IDB2/mobilenetv2/2")
+    assert other_job == []
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id, job[T.JOB], keep=kept_id) == [dead_id]
     assert c.get_run(dead_id).info.status == "KILLED"
+    assert c.get_run(kept_id).info.status == "RUNNING"
 
 
 def test_retry_retries_only_transient_errors():
@@ -127,11 +111,12 @@ def test_eight_processes_log_at_once_to_one_store(store, tmp_path):
             import sys
             from allfuse import tracking
             i = int(sys.argv[1])
-            with tracking.tracked_run({store['uri']!r}, "unit", f"w{{i}}") as run:
-                run.log_params({{"worker": i}})
-                for step in range(20):
-                    run.log_metrics({{"x": step * i}}, step=step)
-                run.set_tags({{"done": "yes"}})
+            run = tracking.create_run({store.uri!r}, {store.experiment_id!r}, f"w{{i}}", {{}})
+            run.log_params({{"worker": i}})
+            for step in range(20):
+                run.log_metrics({{"x": step * i}}, step=step)
+            run.set_tags({{"done": "yes"}})
+            run.set_status("FINISHED")
             print(run.run_id)
             """
         )
@@ -143,34 +128,44 @@ def test_eight_processes_log_at_once_to_one_store(store, tmp_path):
     ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [r[1][-2000:] for r in results]
-    c = tracking.client(store["uri"])
+    c = tracking.client(store.uri)
     for stdout, _ in results:
         run = c.get_run(stdout.strip().splitlines()[-1])
         assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes"
         assert len(c.get_metric_history(run.info.run_id, "x")) == 20
 
 
-def test_flatten_and_provenance(tmp_path):
+def test_flatten_and_stringify():
     flat = tracking.flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]})
     assert flat == {"a.b": "1", "a.c.d": "None", "e": "[1, 2]"}
-    f = tmp_path / "x.txt"
-    f.write_text("data")
-    tags = tracking.provenance_tags(rule="r", wildcards={"seed": 1, "dataset": "D"}, config_hash="h", inputs={"x": f})
-    assert tags[tracking.JOB_TAG] == "r/D/1"
-    assert json.loads(tags["allfuse.wildcards"]) == {"dataset": "D", "seed": 1}
-    assert len(tags["allfuse.sha256.x"]) == 64
-    assert tags["allfuse.git_commit"]
+    assert tracking.stringify({"b": 1, "a": 2}) == '{"a": 2, "b": 1}'
+
+
+def test_git_info_of_a_source_tree_and_outside_git(tmp_path):
+    repo = tracking.git_info(str(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert len(repo["git_commit"]) == 40 and repo["git_dirty"] in ("true", "false")
+    outside = tracking.git_info(str(tmp_path))
+    assert outside == {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
 def test_run_ids_are_reproducible_in_fresh_stores_and_unique_within_one(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ids = []
     for name in ("a", "b"):
-        info = tracking.init_tracking({"uri": None, "experiment": "unit"}, root=tmp_path / name)
-        first = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "h", "allfuse.pid": name})
-        second = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "h"})
-        other = tracking.create_run(info["uri"], "unit", "member-x", tags={"allfuse.config_sha256": "changed"})
+        info = init_tracking({"uri": None, "experiment": "unit"}, tmp_path / name)
+        first = tracking.create_run(info.uri, info.experiment_id, "member-x", {T.CONFIG_SHA256: "h", T.PID: name})
+        second = tracking.create_run(info.uri, info.experiment_id, "member-x", {T.CONFIG_SHA256: "h"})
+        other = tracking.create_run(info.uri, info.experiment_id, "member-x", {T.CONFIG_SHA256: "changed"})
         ids.append((first.run_id, second.run_id, other.run_id))
     assert ids[0] == ids[1]  # same provenance in a fresh store: same ids (pid does not count)
     assert len(set(ids[0])) == 3  # a rerun or another config in the same store: new ids
     assert all(len(i) == 32 for i in ids[0])
+
+
+def test_deriving_a_run_id_leaves_uuid_alone_for_everyone_else(store):
+    from mlflow.store.tracking import sqlalchemy_store
+
+    before = uuid.uuid4
+    tracking.create_run(store.uri, store.experiment_id, "member-y", {})
+    assert uuid.uuid4 is before and sqlalchemy_store.uuid is uuid  # nothing stays replaced
+    assert uuid.uuid4() != uuid.uuid4()

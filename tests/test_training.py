@@ -12,28 +12,9 @@ import numpy as np
 import pytest
 
 from allfuse import features, training
-from allfuse.images import dihedral, resize_batch
 from allfuse.errors import ConfigError, DataError
-
-SETTINGS = {
-    "backbone": "mobilenetv2",
-    "input_size": 33,
-    "weights": None,
-    "mode": "head",
-    "gru_units": 8,
-    "bidirectional": False,
-    "dense_units": 16,
-    "dropout": 0.1,
-    "optimizer": "adam",
-    "learning_rate": 0.01,
-    "batch_size": 16,
-    "epochs": 2,
-    "patience": 3,
-    "class_weights": True,
-    "augment_views": 2,
-    "warmup_epochs": 0,
-    "unfreeze_layers": 6,
-}
+from allfuse.images import dihedral, resize_batch
+from allfuse.training_data import load_features, save_features
 
 
 def separable_features(n: int, seed: int, shape=(2, 2, 12)) -> dict[str, np.ndarray]:
@@ -95,7 +76,9 @@ def test_class_weights_are_inverse_frequency_and_need_both_classes():
 
 
 def test_make_optimizer_by_name():
-    for name in training.OPTIMIZERS:
+    from allfuse.settings import OPTIMIZERS
+
+    for name in OPTIMIZERS:
         opt = training.make_optimizer(name, 0.005)
         assert float(np.asarray(opt.learning_rate)) == pytest.approx(0.005)
     assert float(np.asarray(training.make_optimizer("sgd", 0.1).momentum)) == pytest.approx(0.9)
@@ -114,61 +97,43 @@ def test_save_and_load_features_round_trip(tmp_path):
         "view": np.array([0, 0, 1]),
     }
     path = tmp_path / "features" / "train.npz"
-    features.save_features(path, arrays)
-    back = features.load_features(path)
+    save_features(path, arrays)
+    back = load_features(path)
     for key, value in arrays.items():
         np.testing.assert_array_equal(back[key], value)
     assert back["x"].dtype == np.float16 and back["ids"].dtype.kind == "U"
     assert [p.name for p in path.parent.iterdir()] == ["train.npz"]  # no temporary left behind
     with pytest.raises(DataError, match="not found"):
-        features.load_features(tmp_path / "missing.npz")
+        load_features(tmp_path / "missing.npz")
 
 
 @pytest.mark.slow
-def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp_path, monkeypatch):
+def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp_path, cpu_only, hybrid, write_split):
     from allfuse import files, models
     from allfuse.data import MANIFEST_COLUMNS
+    from allfuse.session import Runtime
 
-    monkeypatch.setattr("allfuse.gpu.count_gpus", lambda: 0)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(10, 40, 40, 3), dtype=np.uint8)
     ids = [f"ALL_IDB2/Im{i + 1:03d}_{i % 2}" for i in range(10)]
     labels = np.arange(10) % 2
     manifest = [
-        {
-            "image_id": image_id,
-            "dataset": "ALL_IDB2",
-            "number": i + 1,
-            "label": int(labels[i]),
-            "width": 40,
-            "height": 40,
-            "sha256_file": "",
-            "sha256_pixels": files.sha256_array(images[i]),
-            "blast_count": None,
-            "archive_path": f"ALL_IDB2/img/{image_id[9:]}.tif",
-            "synthetic": 1,
-        }
+        {c: "" for c in MANIFEST_COLUMNS}
+        | {"image_id": image_id, "dataset": "ALL_IDB2", "number": i + 1, "label": int(labels[i]), "width": 40,
+           "height": 40, "sha256_pixels": files.sha256_array(images[i]), "synthetic": 1,
+           "archive_path": f"ALL_IDB2/img/{image_id[9:]}.tif"}
         for i, image_id in enumerate(ids)
-    ]
+    ]  # fmt: skip
     files.write_csv(tmp_path / "manifest.csv", manifest, MANIFEST_COLUMNS)
     files.save_npy(tmp_path / "images.npy", images)
-    # The split lists ids sorted, not in manifest order: rows must follow the split.
-    fold = {"fold": 0, "repeat": 0, "train": sorted(ids[:6]), "val": [ids[7], ids[6]], "test": ids[8:]}
-    files.write_json(tmp_path / "split.json", {"dataset": "ALL_IDB2", "protocol": "paper", "folds": [fold]})
+    split = write_split(tmp_path / "split.json", {"train": ids[:6], "val": [ids[7], ids[6]], "test": ids[8:]})
+    settings = hybrid()
     outputs = {subset: tmp_path / "features" / f"{subset}.npz" for subset in ("train", "val", "test")}
-    counts = features.extract_dataset_features(
-        tmp_path / "manifest.csv",
-        tmp_path / "images.npy",
-        tmp_path / "split.json",
-        0,
-        SETTINGS,
-        outputs,
-        lock_dir=tmp_path / "locks",
-        seed=5,
-        batch_size=4,
-    )
+    job = features.FeatureJob(str(tmp_path / "manifest.csv"), str(tmp_path / "images.npy"), split, 0,
+                              settings.features(), outputs, Runtime(tmp_path / "locks", 1), batch_size=4)  # fmt: skip
+    counts = features.extract_dataset_features(job)
     assert counts == {"train": 18, "val": 2, "test": 2}
-    out = {subset: features.load_features(path) for subset, path in outputs.items()}
+    out = {subset: load_features(path) for subset, path in outputs.items()}
     shape = models.feature_map_shape("mobilenetv2", 33)
     train, test = out["train"], out["test"]
     assert train["x"].shape == (6 * 3, *shape) and train["x"].dtype == np.float16
@@ -179,30 +144,32 @@ def test_extract_features_views_for_training_only_and_hybrid_reproduces_head(tmp
     for subset in ("val", "test"):
         assert out[subset]["x"].shape == (2, *shape)
         np.testing.assert_array_equal(out[subset]["view"], [0, 0])
-    np.testing.assert_array_equal(out["val"]["ids"], [ids[7], ids[6]])
+    np.testing.assert_array_equal(out["val"]["ids"], sorted([ids[7], ids[6]]))  # the split's order
 
-    # The same random backbone (same seed) under a head gives the head's probabilities on images.
-    head = models.build_head(shape, SETTINGS, feature_stats=models.channel_stats(train["x"]))
-    hybrid = models.build_hybrid(SETTINGS, head=head, backbone_seed=5)
-    from_features = training.predict_probs(head, test["x"])
-    from_images = training.predict_probs(hybrid, images[8:])
+    # The same random backbone (the cache's seed) under a head gives the head's probabilities on images.
+    head = models.build_head(shape, settings, feature_stats=models.channel_stats(train["x"]))
+    hybrid_model = models.build_hybrid(settings, head=head, backbone_seed=features.FEATURE_SEED)
+    from_features = training.predict_features(head, test["x"])
+    from_images = training.predict_images(hybrid_model, images, np.arange(8, 10))
     np.testing.assert_allclose(from_images, from_features, atol=2e-3)
     assert not np.allclose(from_features[0], from_features[1])  # the two images are told apart
 
 
-def test_extract_features_refuses_bad_rows_and_views():
+def test_extract_features_refuses_bad_rows_and_views(hybrid):
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     with pytest.raises(DataError, match="one row per image"):
-        features.extract_features(images, ["a"], np.zeros(2), {"train": [0]}, SETTINGS)
+        features.extract_features(images, ["a"], np.zeros(2), {"train": [0]}, hybrid().features())
     with pytest.raises(ConfigError, match="augment_views"):
-        features.extract_features(images, ["a", "b"], np.zeros(2), {"train": [0]}, {**SETTINGS, "augment_views": 8})
+        features.extract_features(images, ["a", "b"], np.zeros(2), {"train": [0]}, hybrid(augment_views=8).features())
+    with pytest.raises(DataError, match="outside 0..1"):
+        features.extract_features(images, ["a", "b"], np.zeros(2), {"train": [5]}, hybrid().features())
 
 
 # ----------------------------------------------------------------------------------- head mode
 
 
 @pytest.mark.slow
-def test_train_head_learns_reports_epochs_and_calls_hooks():
+def test_train_head_learns_reports_epochs_and_calls_hooks(hybrid):
     import keras
 
     train, val = separable_features(160, 0), separable_features(40, 1)
@@ -218,7 +185,7 @@ def test_train_head_learns_reports_epochs_and_calls_hooks():
     result = training.train_head(
         train,
         val,
-        SETTINGS,
+        hybrid(),
         seed=1,
         epochs=4,
         callbacks=[Counter()],
@@ -232,21 +199,24 @@ def test_train_head_learns_reports_epochs_and_calls_hooks():
     assert row["learning_rate"] == pytest.approx(0.01)
     best = min(result.history, key=lambda r: r["val_loss"])
     assert result.best_epoch == best["epoch"]
-    probs = training.predict_probs(result.model, val["x"])
-    assert probs.shape == (40, 2)
+    probs = training.predict_features(result.model, val["x"])
+    assert probs.shape == (40, 2) and probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # The restored weights are the best epoch's: their validation loss is the best one.
     loss = -np.mean(np.log(probs[np.arange(40), val["y"]] + 1e-12))
     assert loss == pytest.approx(best["val_loss"], rel=1e-3)
     assert np.mean(probs.argmax(axis=1) == val["y"]) >= 0.85
     # Batch-wise predict_on_batch gives Keras' own predict, whatever the batch size and remainder.
+    from allfuse.models import predict_batches
+
     reference = result.model.predict(val["x"], batch_size=32, verbose=0)
-    np.testing.assert_allclose(training.predict_probs(result.model, val["x"], batch_size=7), reference, atol=1e-6)
-    assert training.predict_probs(result.model, val["x"][:0]).shape == (0, 2)
+    np.testing.assert_allclose(predict_batches(result.model, val["x"], 7), reference, atol=1e-6)
+    np.testing.assert_allclose(predict_batches(result.model, val["x"], 7, chunk=5), reference, atol=1e-6)
+    assert training.predict_features(result.model, val["x"][:0]).shape == (0, 2)
 
 
 @pytest.mark.slow
-def test_train_head_stops_early_and_hook_can_abort():
+def test_train_head_stops_early_and_hook_can_abort(hybrid):
     train, val = separable_features(64, 2), separable_features(16, 3)
 
     class Pruned(Exception):
@@ -257,54 +227,49 @@ def test_train_head_stops_early_and_hook_can_abort():
             raise Pruned
 
     with pytest.raises(Pruned):
-        training.train_head(train, val, SETTINGS, seed=0, epochs=5, on_epoch_end=prune)
+        training.train_head(train, val, hybrid(), seed=0, epochs=5, on_epoch_end=prune)
     # Learning rate so high that validation loss keeps rising: patience 1 ends training early.
-    wild = {**SETTINGS, "learning_rate": 50.0, "optimizer": "sgd", "patience": 1}
+    wild = hybrid(learning_rate=50.0, optimizer="sgd", patience=1)
     result = training.train_head(train, val, wild, seed=0, epochs=8)
     assert len(result.history) < 8
     assert result.best_epoch == min(result.history, key=lambda r: r["val_loss"])["epoch"]
 
 
-def test_train_head_refuses_empty_or_mismatched_splits():
+def test_train_head_refuses_empty_or_mismatched_splits(hybrid):
     train = separable_features(8, 0)
     with pytest.raises(DataError, match="validation split is empty"):
-        training.train_head(train, {"x": train["x"][:0], "y": train["y"][:0]}, SETTINGS, seed=0)
+        training.train_head(train, {"x": train["x"][:0], "y": train["y"][:0]}, hybrid(), seed=0)
     with pytest.raises(DataError, match="class"):
-        training.train_head({"x": train["x"], "y": np.zeros(8)}, train, SETTINGS, seed=0)
+        training.train_head({"x": train["x"], "y": np.zeros(8)}, train, hybrid(), seed=0)
 
 
-DETERMINISM_SETTINGS = {
-    "gru_units": 8,
-    "bidirectional": False,
-    "dense_units": 8,
-    "dropout": 0.3,
-    "optimizer": "adam",
-    "learning_rate": 0.01,
-    "batch_size": 8,
-    "epochs": 2,
-    "patience": 5,
-    "class_weights": True,
-}
+DETERMINISM = {"dense_units": 8, "dropout": 0.3, "batch_size": 8, "patience": 5}
 
+# Trains one head per seed in a compute session (op determinism on, one thread) and saves its
+# validation probabilities; the same code runs here and in a second process.
 DETERMINISM_CHILD = textwrap.dedent("""
     import json
     import sys
     import numpy as np
     from allfuse import training
+    from allfuse.session import Runtime, compute_session
+    from allfuse.settings import HybridSettings
 
-    data = np.load(sys.argv[1])
-    settings = json.loads(sys.argv[3])
-    for seed in map(int, sys.argv[4:]):
-        result = training.train_head(
-            {"x": data["xt"], "y": data["yt"]}, {"x": data["xv"], "y": data["yv"]}, settings, seed,
-            deterministic=True,
-        )
-        np.save(f"{sys.argv[2]}_{seed}.npy", training.predict_probs(result.model, data["xv"]))
+    def train(data, settings, seeds, out, locks):
+        with compute_session(Runtime(locks, 1, True)):
+            for seed in seeds:
+                result = training.train_head({"x": data["xt"], "y": data["yt"]}, {"x": data["xv"], "y": data["yv"]},
+                                             settings, seed)
+                np.save(f"{out}_{seed}.npy", training.predict_features(result.model, data["xv"]))
+
+    if __name__ == "__main__":
+        settings = HybridSettings.from_params(json.loads(sys.argv[3]))
+        train(np.load(sys.argv[1]), settings, map(int, sys.argv[5:]), sys.argv[2], sys.argv[4])
     """)
 
 
 @pytest.mark.slow
-def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
+def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path, hybrid):
     from allfuse import gpu
 
     train, val = separable_features(48, 4), separable_features(16, 5)
@@ -312,11 +277,12 @@ def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
     np.savez(data, xt=train["x"], yt=train["y"], xv=val["x"], yv=val["y"])
     script = tmp_path / "child.py"
     script.write_text(DETERMINISM_CHILD)
+    settings = hybrid(**DETERMINISM)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def start(name, *seeds):
-        args = [sys.executable, str(script), str(data), str(tmp_path / name), json.dumps(DETERMINISM_SETTINGS)]
-        return subprocess.Popen([*args, *map(str, seeds)], env=env)
+        args = [sys.executable, str(script), str(data), str(tmp_path / name), json.dumps(settings.as_params())]
+        return subprocess.Popen([*args, str(tmp_path / "locks"), *map(str, seeds)], env=env)
 
     children = [start("b", 7)]
     # This process trains seeds 7 and 8 itself when it runs on the CPU (saving a framework start);
@@ -324,9 +290,9 @@ def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
     here_on_cpu = os.environ.get(gpu.ENV) in ("", "-1") or gpu.count_gpus() == 0
     try:
         if here_on_cpu:
-            for seed in (7, 8):
-                result = training.train_head(train, val, DETERMINISM_SETTINGS, seed, deterministic=True)
-                np.save(tmp_path / f"a_{seed}.npy", training.predict_probs(result.model, val["x"]))
+            namespace: dict = {}
+            exec(compile(DETERMINISM_CHILD, "child", "exec"), namespace)
+            namespace["train"](np.load(data), settings, (7, 8), str(tmp_path / "a"), str(tmp_path / "locks"))
         else:
             children.append(start("a", 7, 8))
     finally:
@@ -341,18 +307,18 @@ def test_same_seed_gives_bit_identical_predictions_across_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_finetune_unfreezes_top_layers_only_and_trains_them(tmp_path):
+def test_train_finetune_unfreezes_top_layers_only_and_trains_them(tmp_path, hybrid):
     import keras
 
     from allfuse import models
+    from allfuse.session import fresh_model_scope
 
     rng = np.random.default_rng(6)
     images = rng.integers(0, 256, size=(12, 40, 40, 3), dtype=np.uint8)
     labels = np.arange(12) % 2
-    settings = {**SETTINGS, "mode": "finetune", "batch_size": 8, "unfreeze_layers": 6}
+    settings = hybrid(mode="finetune", batch_size=8, unfreeze_layers=6)
     # The same seed builds the same initial network: compare weights before and after.
-    keras.backend.clear_session()
-    training.set_seed(9, True)
+    fresh_model_scope(9)
     initial = models.backbone_network(models.build_hybrid(settings))
     before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in initial.layers}
 
@@ -371,13 +337,13 @@ def test_train_finetune_unfreezes_top_layers_only_and_trains_them(tmp_path):
     trainable_top = {layer.name for layer in top if layer.trainable and layer.trainable_weights}
     assert trainable_top and trainable_top <= changed  # the unfrozen convolutions moved
     assert changed <= trainable_top  # nothing else did (frozen BatchNormalization statistics included)
-    probs = training.predict_probs(result.model, images[8:])
+    probs = training.predict_images(result.model, images, np.arange(8, 12))
     assert probs.shape == (4, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # Members are saved in the native format: the nested backbone and head must round-trip.
     result.model.save(tmp_path / "model.keras")
     again = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_allclose(training.predict_probs(again, images[8:]), probs, atol=1e-5)
+    np.testing.assert_allclose(training.predict_images(again, images, np.arange(8, 12)), probs, atol=1e-5)
 
 
 def test_image_batches_are_augmented_reproducibly_and_weighted():
@@ -421,8 +387,16 @@ def test_fixed_batch_prediction_matches_keras_predict_and_drops_the_padding():
     x = keras.layers.Conv2D(4, 3)(inputs)
     x = keras.layers.BatchNormalization()(x)
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    from allfuse.models import predict_batches
+
     images = np.random.default_rng(1).uniform(0, 255, size=(11, 6, 6, 3)).astype("float32")
-    out = features._predict_fixed_batches(model, images, batch_size=4)  # batches of 4, 4, 3 (+1 padding)
-    assert out.shape == (11, 4)
+    seen = []
+    real = model.predict_on_batch
+    model.predict_on_batch = lambda batch: (seen.append(batch.shape[0]), real(batch))[1]
+    out = predict_batches(model, images, 4, pad=True)  # batches of 4, 4, 3 (+1 padding)
+    assert out.shape == (11, 4) and seen == [4, 4, 4]  # every call had one shape
     np.testing.assert_allclose(out, model.predict(images, batch_size=4, verbose=0), rtol=1e-5, atol=1e-5)
-    assert features._predict_fixed_batches(model, images[:0], batch_size=4).shape == (0, 4)
+    rows = np.array([9, 2, 5])
+    picked = predict_batches(model, images, 4, rows=rows, prepare=lambda block: block[:, ::-1], chunk=2)
+    np.testing.assert_allclose(picked, model.predict(images[rows][:, ::-1], verbose=0), rtol=1e-5, atol=1e-5)
+    assert predict_batches(model, images[:0], 4, pad=True).shape == (0, 4)

@@ -1,5 +1,6 @@
-"""Optuna studies: search-space parsing, pruning, resume after kill -9, staleness, the test split
-never read, and trial runs nested under the study run in MLflow.
+"""Optuna studies: pruning, resume after kill -9, staleness, the test split never read, and trial
+runs nested under the study run in MLflow. (Search-space parsing: tests/test_config.py and
+tests/test_settings.py.)
 
 Most tests drive the study with a stand-in trainer whose validation loss is a fixed function of
 the learning rate, so pruning and resumption are deterministic and fast; the slow test trains real
@@ -8,125 +9,102 @@ Keras heads on tiny synthetic feature maps.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from allfuse import tuning
-from allfuse.errors import AllfuseError, ConfigError
-from allfuse.features import save_features
-from allfuse.files import read_csv, read_json, write_csv, write_json
-from allfuse.members import TUNABLE, resolve_hyperparameters
+from allfuse import studies, tracking, tuning
+from allfuse.errors import AllfuseError, DataError
+from allfuse.files import read_csv, read_json, write_csv
+from allfuse.members import resolve_hyperparameters
+from allfuse.session import Runtime
+from allfuse.settings import TUNABLE, HybridSettings, TuneSettings, parse_search_space
+from allfuse.stages import StageContext
 
-SETTINGS = {
-    "backbone": "mobilenetv2",
-    "mode": "head",
-    "weights": None,
-    "input_size": 96,
-    "gru_units": 8,
-    "bidirectional": False,
-    "dense_units": 8,
-    "dropout": 0.1,
-    "optimizer": "adam",
-    "learning_rate": 0.001,
-    "batch_size": 8,
-    "epochs": 4,
-    "patience": 20,
-    "class_weights": True,
-    "augment_views": 0,
-    "warmup_epochs": 0,
-    "unfreeze_layers": 0,
-}
+BASE = {
+    "backbone": "mobilenetv2", "mode": "head", "weights": None, "input_size": 96, "gru_units": 8,
+    "bidirectional": False, "dense_units": 8, "head_norm": "standardize", "dropout": 0.1, "optimizer": "adam",
+    "learning_rate": 0.001, "batch_size": 8, "patience": 20, "class_weights": True, "augment_views": 0,
+    "warmup_epochs": 0, "unfreeze_layers": 0,
+}  # fmt: skip
 SPACE = {
     "learning_rate": {"low": 1e-5, "high": 0.1, "log": True},
     "gru_units": {"choices": [4, 8]},
 }
 TUNE = {
-    "n_trials": 4,
-    "seed": 0,
-    "objective": "val_loss",
-    "epochs": 3,
-    "n_startup_trials": 1,
-    "n_warmup_steps": 0,
-    "search_space": SPACE,
-}
+    "n_trials": 4, "seed": 0, "objective": "val_loss", "epochs": 3, "tpe_startup_trials": 2, "n_startup_trials": 1,
+    "n_warmup_steps": 0, "search_space": SPACE,
+}  # fmt: skip
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _cpu_only(monkeypatch):
-    # acquire_gpu respects a preset CUDA_VISIBLE_DEVICES and takes no lock: tests stay on the CPU.
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+def study_base(tune: TuneSettings, **changes) -> dict:
+    """The study's base settings, as rules/common.smk builds them: without tuned keys and epochs."""
+    settings = HybridSettings.from_params({**BASE, "epochs": 40, **changes})
+    return settings.study_view(tune.tuned)
 
 
-def write_features(folder: Path, n_train: int = 40, n_val: int = 20, shape=(2, 2, 8), seed: int = 0) -> dict[str, str]:
-    """Train/val feature files with class-dependent means (learnable), and a test file that is garbage."""
+def tune_settings(**changes) -> TuneSettings:
+    values = {**TUNE, **changes}
+    specs = parse_search_space(values["search_space"], values.get("mode", "head"))
+    return TuneSettings.from_params({**values, "search_space": {s.name: s.as_dict() for s in specs}})
+
+
+def write_features(folder: Path, write_split, n_train: int = 40, n_val: int = 20, shape=(2, 2, 8), seed: int = 0):
+    """Train/val feature files with class-dependent means (learnable), a test file that is garbage,
+    and a split whose test ids exist nowhere."""
+    from allfuse.training_data import save_features
+
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths, ids = {}, {}
     for subset, n in (("train", n_train), ("val", n_val)):
         y = np.arange(n) % 2
         x = rng.normal(size=(n, *shape)) + 1.5 * y[:, None, None, None]
-        arrays = {
-            "x": x.astype(np.float16),
-            "y": y,
-            "ids": np.array([f"ALL_IDB2/{subset}{i:03d}" for i in range(n)]),
-            "view": np.zeros(n, int),
-        }
-        save_features(folder / f"{subset}.npz", arrays)
+        ids[subset] = [f"ALL_IDB2/Im{100 * (subset == 'val') + i:03d}_{i % 2}" for i in range(n)]
+        save_features(folder / f"{subset}.npz", {"x": x.astype(np.float16), "y": y, "ids": np.array(ids[subset]),
+                                                 "view": np.zeros(n, int)})  # fmt: skip
         paths[subset] = str(folder / f"{subset}.npz")
     # Unreadable: tuning must never open it.
     (folder / "test.npz").write_bytes(b"not an npz file")
     paths["test"] = str(folder / "test.npz")
-    return paths
+    split = write_split(folder / "split.json", {**ids, "test": ["ALL_IDB2/Im999_0"]})
+    return paths, split
 
 
-def write_split(path: Path, train: list[str], val: list[str], test: list[str]) -> str:
-    write_json(
-        path,
-        {
-            "dataset": "ALL_IDB2",
-            "protocol": "paper",
-            "seed": 0,
-            "folds": [{"fold": 0, "repeat": 0, "train": train, "val": val, "test": test}],
-        },
-    )
-    return str(path)
+@pytest.fixture
+def make_job(tmp_path, write_split):
+    """``make_job(tmp, store=None, **changes)``: a head-mode study job on tiny features in ``tmp``;
+    ``changes`` override TuneJob fields, ``tune=`` a dict of tune settings."""
+
+    def make(tmp: Path, store=None, **changes) -> tuning.TuneJob:
+        if "data" not in changes:
+            data, split = write_features(tmp / "features", write_split)
+            changes = {"data": data, "split": split, **changes}
+        tune = tune_settings(**changes.pop("tune", {}))
+        fields = {
+            "dataset": "ALL_IDB2", "backbone": "mobilenetv2", "base": study_base(tune), "tune": tune,
+            "out_best": str(tmp / "tune" / "best_params.json"), "out_trials": str(tmp / "tune" / "trials.csv"),
+            "runtime": Runtime(tmp / "locks", None, False),
+            "context": StageContext("tune_backbone", {"dataset": "ALL_IDB2", "backbone": "mobilenetv2"}, {"tune": TUNE},
+                                    store, HERE.parent),
+        }  # fmt: skip
+        return tuning.TuneJob(**(fields | changes))
+
+    return make
 
 
-def make_job(tmp: Path, **changes) -> tuning.TuneJob:
-    """A head-mode job on tiny features in ``tmp``; ``changes`` override any TuneJob field."""
-    if "data" not in changes:
-        features = tmp / "features"
-        changes["data"] = (
-            write_features(features)
-            if not features.exists()
-            else {k: str(features / f"{k}.npz") for k in ("train", "val", "test")}
-        )
-    if "split" not in changes:
-        # Head mode does not read the split; its test entry names an image that does not exist.
-        changes["split"] = write_split(tmp / "split.json", [], [], ["ALL_IDB2/does_not_exist"])
-    fields = {
-        "dataset": "ALL_IDB2",
-        "backbone": "mobilenetv2",
-        "settings": dict(SETTINGS),
-        "tune": json.loads(json.dumps(TUNE)),
-        "out_best": str(tmp / "tune" / "best_params.json"),
-        "out_trials": str(tmp / "tune" / "trials.csv"),
-        "lock_dir": str(tmp / "locks"),
-    }
-    fields.update(changes)
-    return tuning.TuneJob(**fields)
+@pytest.fixture(autouse=True)
+def _cpu_only(cpu_only):
+    return cpu_only
 
 
 def loss_of(learning_rate: float) -> float:
@@ -146,19 +124,15 @@ class FakeTrainer:
         self.hang_on_call = hang_on_call
         self.marker = marker
 
-    def __call__(self, data, settings, seed, *, epochs, on_epoch_end, deterministic=True):
-        self.calls.append({"data": data, "settings": dict(settings), "seed": seed})
+    def __call__(self, data, settings, seed, *, epochs, on_epoch_end):
+        self.calls.append({"data": data, "settings": settings, "seed": seed, "epochs": epochs})
         history = []
         for epoch in range(1, epochs + 1):
             if len(self.calls) == self.hang_on_call:
                 Path(self.marker).touch()
                 time.sleep(600)
-            logs = {
-                "loss": 0.5,
-                "val_loss": loss_of(settings["learning_rate"]) / epoch,
-                "val_accuracy": 0.5,
-                "val_auc": 0.5,
-            }
+            logs = {"loss": 0.5, "val_loss": loss_of(settings.learning_rate) / epoch, "val_accuracy": 0.5,
+                    "val_auc": 0.5}  # fmt: skip
             history.append({"epoch": epoch, **logs})
             on_epoch_end(epoch, dict(logs))
         return SimpleNamespace(history=history, best_epoch=epochs, model=None)
@@ -171,101 +145,6 @@ def study_trials(db: Path, name: str = "ALL_IDB2-mobilenetv2"):
     return {t.number: t for t in study.get_trials()}
 
 
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
-    """One sqlite MLflow store for the module (creating one costs seconds); tests use their own experiment."""
-    from allfuse.tracking import init_store
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    init_store(uri, ["warmup"], root)
-    return {"uri": uri, "root": root}
-
-
-def store_file(mlflow_store, tmp: Path, experiment: str) -> str:
-    from allfuse.tracking import init_store
-
-    ids = init_store(mlflow_store["uri"], [experiment], mlflow_store["root"])
-    write_json(
-        tmp / "store.json", {"uri": mlflow_store["uri"], "experiment": experiment, "experiment_id": ids[experiment]}
-    )
-    return str(tmp / "store.json")
-
-
-# ---------------------------------------------------------------------------------------------
-# Search space
-# ---------------------------------------------------------------------------------------------
-
-
-def test_parse_search_space_kinds():
-    space = {
-        "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-        "gru_units": {"low": 16, "high": 128, "step": 16},
-        "dense_units": {"choices": [32, 64]},
-        "bidirectional": {"choices": [False, True]},
-        "dropout": {"low": 0.1, "high": 0.5},
-        "batch_size": {"choices": [8, 16]},
-        "optimizer": {"choices": ["adam", "sgd"]},
-        "unfreeze_layers": {"low": 0, "high": 40},
-    }
-    specs = {s.name: s for s in tuning.parse_search_space(space, "finetune")}
-    assert set(specs) == set(space)
-    assert specs["learning_rate"].kind == "float" and specs["learning_rate"].log
-    assert specs["gru_units"] == tuning.ParamSpec("gru_units", "int", 16, 128, False, 16)
-    assert specs["dense_units"].kind == "categorical" and specs["dense_units"].choices == (32, 64)
-    assert specs["dropout"].kind == "float" and specs["dropout"].low == 0.1
-    assert specs["unfreeze_layers"].kind == "int"
-
-
-@pytest.mark.parametrize(
-    ("space", "fragment"),
-    [
-        ({"learning_rate": {"low": 0.1, "high": 0.01}}, "low (0.1) must be below high (0.01)"),
-        ({"learning_rate": {"low": 0.0, "high": 0.01, "log": True}}, "learning_rate.low' must be a number > 0"),
-        ({"dropout": {"low": 0.1, "high": 1.0}}, "dropout.high' must be a number in [0, 1)"),
-        ({"gru_units": {"choices": [32, "big"]}}, "gru_units.choices': each choice must be an integer >= 1, got 'big'"),
-        ({"gru_units": {"choices": [0, 8]}}, "must be an integer >= 1, got 0"),
-        ({"dense_units": {"choices": [True, 8]}}, "must be an integer >= 1, got True"),
-        ({"gru_units": {"low": 8.0, "high": 64}}, "gru_units.low' must be an integer >= 1, got 8.0"),
-        ({"gru_units": {"choices": []}}, "must be a non-empty list"),
-        ({"gru_units": {"choices": [8, 8]}}, "lists a value twice"),
-        ({"bidirectional": {"low": 0, "high": 1}}, "takes choices, not a range"),
-        ({"bidirectional": {"choices": [0, 1]}}, "must be true or false, got 0"),
-        ({"optimizer": {"choices": ["adam", "adagrad"]}}, "must be one of adam, adamw, rmsprop, sgd, got 'adagrad'"),
-        ({"epochs": {"low": 1, "high": 9}}, "unknown key 'tune.search_space.epochs'"),
-        ({"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True, "step": 1e-4}}, "step and log cannot be combined"),
-        ({"batch_size": {"low": 8, "high": 64, "step": 2.5}}, "step' must be an integer >= 1"),
-        ({"dropout": {"low": 0.1, "high": 0.2, "step": 0.5}}, "is larger than the range"),
-        ({"dropout": {"low": 0.1}}, "needs both low and high"),
-        ({"dropout": {"low": 0.1, "high": 0.3, "choices": [0.2]}}, "either choices or low/high"),
-        ({"dropout": {"min": 0.1, "max": 0.3}}, "unknown field(s) max, min"),
-        ({"dropout": 0.3}, "must be a mapping"),
-    ],
-)
-def test_parse_search_space_errors_name_the_key(space, fragment):
-    with pytest.raises(ConfigError) as err:
-        tuning.parse_search_space(space, "head")
-    assert fragment in str(err.value)
-
-
-def test_parse_search_space_reports_every_problem_at_once():
-    space = {"learning_rate": {"low": 1, "high": 0.5}, "gru_units": {"choices": ["x"]}}
-    with pytest.raises(ConfigError) as err:
-        tuning.parse_search_space(space, "head", where="backbones.mobilenetv2.search_space")
-    text = str(err.value)
-    assert "backbones.mobilenetv2.search_space.learning_rate" in text
-    assert "backbones.mobilenetv2.search_space.gru_units" in text
-
-
-def test_unfreeze_layers_is_dropped_with_a_warning_in_head_mode(caplog):
-    space = {"unfreeze_layers": {"low": 0, "high": 20}, "dropout": {"low": 0.1, "high": 0.5}}
-    with caplog.at_level(logging.WARNING, logger="allfuse.tuning"):
-        head = tuning.parse_search_space(space, "head")
-    assert [s.name for s in head] == ["dropout"]
-    assert "only acts in finetune mode" in caplog.text
-    assert [s.name for s in tuning.parse_search_space(space, "finetune")] == ["dropout", "unfreeze_layers"]
-
-
 def test_suggest_stays_in_range_with_the_right_types():
     import optuna
 
@@ -275,7 +154,7 @@ def test_suggest_stays_in_range_with_the_right_types():
         "bidirectional": {"choices": [False, True]},
         "dropout": {"low": 0.1, "high": 0.5, "step": 0.1},
     }
-    specs = tuning.parse_search_space(space, "head")
+    specs = parse_search_space(space, "head")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen = []
     for _ in range(25):
@@ -290,15 +169,16 @@ def test_suggest_stays_in_range_with_the_right_types():
 
 
 def test_settings_hash_ignores_budget_and_tuned_keys_only():
-    specs = tuning.parse_search_space(SPACE, "head")
-    base = tuning.study_settings_hash(TUNE, SETTINGS, specs, "data1")
-    assert tuning.study_settings_hash({**TUNE, "n_trials": 30}, SETTINGS, specs, "data1") == base
-    assert tuning.study_settings_hash(TUNE, {**SETTINGS, "learning_rate": 0.5}, specs, "data1") == base  # tuned
-    assert tuning.study_settings_hash(TUNE, {**SETTINGS, "patience": 3}, specs, "data1") != base
-    assert tuning.study_settings_hash({**TUNE, "epochs": 9}, SETTINGS, specs, "data1") != base
-    assert tuning.study_settings_hash(TUNE, SETTINGS, specs, "data2") != base
-    other = tuning.parse_search_space({**SPACE, "gru_units": {"choices": [4, 16]}}, "head")
-    assert tuning.study_settings_hash(TUNE, SETTINGS, other, "data1") != base
+    tune = tune_settings()
+    base = study_base(tune)
+    h = tuning.study_hash(tune, base, "data1")
+    assert tuning.study_hash(tune_settings(n_trials=30), base, "data1") == h
+    assert tuning.study_hash(tune, {**base, "learning_rate": 0.5}, "data1") == h  # a tuned key
+    assert tuning.study_hash(tune, {**base, "patience": 3}, "data1") != h
+    assert tuning.study_hash(tune_settings(epochs=9), base, "data1") != h
+    assert tuning.study_hash(tune, base, "data2") != h
+    other = tune_settings(search_space={**SPACE, "gru_units": {"choices": [4, 16]}})
+    assert tuning.study_hash(other, base, "data1") != h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +186,10 @@ def test_settings_hash_ignores_budget_and_tuned_keys_only():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path):
+def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path, make_job):
     # Trial 0 (enqueued, near the optimum) completes; trial 1 (enqueued, far off) reports a worse
     # loss than trial 0 at every epoch and must be pruned at its first epoch.
-    job = make_job(
-        tmp_path, enqueue=[{"learning_rate": 10**-2.5, "gru_units": 8}, {"learning_rate": 1e-5, "gru_units": 4}]
-    )
+    job = make_job(tmp_path, enqueue=[{"learning_rate": 10**-2.5, "gru_units": 8}, {"learning_rate": 1e-5, "gru_units": 4}])
     trainer = FakeTrainer()
     record = tuning.tune(job, trainer=trainer)
 
@@ -323,10 +201,12 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path):
     assert best == record
     assert best["params"] == {"learning_rate": 10**-2.5, "gru_units": 8}
     assert best["trial"] == 0 and best["objective"] == "val_loss" and best["study"] == "ALL_IDB2-mobilenetv2"
+    assert best["direction"] == "minimize"
     assert best["value"] == pytest.approx(0.1 / 3)
     assert best["n_complete"] + best["n_pruned"] == 4
     assert set(best["params"]) <= set(TUNABLE)
-    assert resolve_hyperparameters(SETTINGS, job.out_best)["learning_rate"] == 10**-2.5
+    member = HybridSettings.from_params({**BASE, "epochs": 40})
+    assert resolve_hyperparameters(member, job.out_best).learning_rate == 10**-2.5
 
     rows = read_csv(job.out_trials)
     assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
@@ -334,31 +214,33 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path):
     assert set(rows[0]) >= {"state", "value", "duration_s", "params_learning_rate", "params_gru_units"}
     assert all(float(r["duration_s"]) >= 0 for r in rows)
     # Every trial trained with the tuning epochs, the study seed and its own parameters.
-    assert all(c["seed"] == 0 for c in trainer.calls)
-    assert [c["settings"]["learning_rate"] for c in trainer.calls[:2]] == [10**-2.5, 1e-5]
+    assert all(c["seed"] == 0 and c["epochs"] == 3 and c["settings"].epochs == 3 for c in trainer.calls)
+    assert [c["settings"].learning_rate for c in trainer.calls[:2]] == [10**-2.5, 1e-5]
+    # Only the train and val subsets were loaded, and they match the split.
+    assert set(trainer.calls[0]["data"].subsets) == {"train", "val"}
 
 
-def test_rerun_tops_up_to_the_budget(tmp_path):
-    job = make_job(tmp_path, tune={**TUNE, "n_trials": 2})
+def test_rerun_tops_up_to_the_budget(tmp_path, make_job):
+    job = make_job(tmp_path, tune={"n_trials": 2})
     tuning.tune(job, trainer=FakeTrainer())
     again = FakeTrainer()
     tuning.tune(job, trainer=again)
     assert again.calls == []  # the budget is met: nothing to run
     assert len(study_trials(tmp_path / "tune" / "study.db")) == 2
     more = FakeTrainer()
-    record = tuning.tune(make_job(tmp_path, tune={**TUNE, "n_trials": 3}), trainer=more)
+    record = tuning.tune(make_job(tmp_path, data=job.data, split=job.split, tune={"n_trials": 3}), trainer=more)
     assert len(more.calls) == 1 and len(study_trials(tmp_path / "tune" / "study.db")) == 3
     assert record["n_complete"] + record["n_pruned"] == 3
 
 
-def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_path):
-    tuning.tune(make_job(tmp_path, tune={**TUNE, "n_trials": 2}), trainer=FakeTrainer())
+def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_path, make_job):
+    first = make_job(tmp_path, tune={"n_trials": 2})
+    tuning.tune(first, trainer=FakeTrainer())
     db = tmp_path / "tune" / "study.db"
     old_hash = read_json(tmp_path / "tune" / "best_params.json")["settings_hash"]
     new_space = {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
-    record = tuning.tune(
-        make_job(tmp_path, tune={**TUNE, "n_trials": 2, "search_space": new_space}), trainer=FakeTrainer()
-    )
+    job = make_job(tmp_path, data=first.data, split=first.split, tune={"n_trials": 2, "search_space": new_space})
+    record = tuning.tune(job, trainer=FakeTrainer())
     backup = tmp_path / "tune" / f"study.{old_hash[:12]}.db.bak"
     assert backup.exists()
     assert len(study_trials(backup)) == 2
@@ -367,72 +249,67 @@ def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_pat
     assert record["settings_hash"] != old_hash
 
 
-def test_a_locked_study_is_refused(tmp_path):
+def test_a_locked_study_is_refused(tmp_path, make_job):
     job = make_job(tmp_path)
-    with tuning.study_lock(job.db_path):
+    with studies.study_lock(job.db_path):
         with pytest.raises(AllfuseError, match="being tuned by another process"):
             tuning.tune(job, trainer=FakeTrainer())
 
 
-def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path):
+def test_feature_files_must_match_the_split(tmp_path, make_job, write_split):
+    job = make_job(tmp_path)
+    ids = {s: list(map(str, np.load(job.data[s])["ids"])) for s in ("train", "val")}
+    stale = write_split(tmp_path / "stale.json", {"train": ids["train"][1:], "val": ids["val"], "test": []})
+    with pytest.raises(DataError, match="do not match fold 0") as err:
+        tuning.tune(make_job(tmp_path, data=job.data, split=stale), trainer=FakeTrainer())
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith("train:")
+
+
+def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path, make_job, write_split):
     from allfuse.data import MANIFEST_COLUMNS
     from allfuse.files import save_npy
 
     ids = [f"ALL_IDB2/Im{i:03d}_{i % 2}" for i in range(12)]
-    rows = [
-        {
-            "image_id": i,
-            "dataset": "ALL_IDB2",
-            "number": n,
-            "label": n % 2,
-            "width": 8,
-            "height": 8,
-            "sha256_file": "x",
-            "sha256_pixels": "y",
-            "blast_count": "",
-            "archive_path": f"img/{i}.tif",
-            "synthetic": 1,
-        }
-        for n, i in enumerate(ids)
-    ]
+    rows = [{c: "" for c in MANIFEST_COLUMNS} | {"image_id": i, "dataset": "ALL_IDB2", "number": n, "label": n % 2,
+             "width": 8, "height": 8, "archive_path": f"img/{i}.tif", "synthetic": 1} for n, i in enumerate(ids)]  # fmt: skip
     write_csv(tmp_path / "manifest.csv", rows, MANIFEST_COLUMNS)
     save_npy(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 255, (12, 8, 8, 3), dtype=np.uint8))
     # The test ids are not even in the manifest: looking one up would fail.
-    split = write_split(tmp_path / "split.json", ids[:8], ids[8:], ["ALL_IDB2/Im900_0", "ALL_IDB2/Im901_1"])
+    split = write_split(tmp_path / "split.json", {"train": ids[:8], "val": ids[8:],
+                                                  "test": ["ALL_IDB2/Im900_0", "ALL_IDB2/Im901_1"]})  # fmt: skip
     space = {**SPACE, "unfreeze_layers": {"low": 0, "high": 10}}
-    job = make_job(
-        tmp_path,
-        settings={**SETTINGS, "mode": "finetune"},
-        tune={**TUNE, "n_trials": 2, "search_space": space},
-        data={"manifest": str(tmp_path / "manifest.csv"), "images": str(tmp_path / "images.npy")},
-        split=split,
-    )
+    tune = tune_settings(n_trials=2, search_space=space, mode="finetune")
+    job = make_job(tmp_path, data={"manifest": str(tmp_path / "manifest.csv"), "images": str(tmp_path / "images.npy")},
+                   split=split, tune={"n_trials": 2, "search_space": space, "mode": "finetune"},
+                   base=study_base(tune, mode="finetune"))  # fmt: skip
     trainer = FakeTrainer()
     record = tuning.tune(job, trainer=trainer)
     assert len(trainer.calls) == 2
     for call in trainer.calls:
-        assert call["data"]["train_idx"].tolist() == list(range(8))
-        assert call["data"]["val_idx"].tolist() == [8, 9, 10, 11]
-        assert "unfreeze_layers" in call["settings"]
+        assert call["data"].index["train"].tolist() == list(range(8))
+        assert call["data"].index["val"].tolist() == [8, 9, 10, 11]
+        assert "test" not in call["data"].index
+        assert call["settings"].mode == "finetune"
     assert "unfreeze_layers" in record["params"]
 
 
-def test_resume_after_kill_minus_9_tops_up_and_fails_the_orphan(tmp_path, mlflow_store):
+def test_resume_after_kill_minus_9_tops_up_and_fails_the_orphan(tmp_path, mlflow_store, make_job):
     """A study process killed (SIGKILL) during its third trial; the rerun finishes the budget of 4."""
-    store = store_file(mlflow_store, tmp_path, "resume")
+    store = mlflow_store.experiment("resume")
     job = make_job(tmp_path, store=store)
     marker = tmp_path / "hanging"
+    (tmp_path / "job.pickle").write_bytes(pickle.dumps(job))
     script = f"""
-import json, sys
+import pickle, sys
 sys.path.insert(0, {str(HERE)!r})
 from test_tuning import FakeTrainer
-from allfuse.tuning import TuneJob, tune
-job = TuneJob(**json.loads({json.dumps(json.dumps(asdict(job)))}))
-tune(job, trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
+from allfuse.tuning import tune
+tune(pickle.load(open({str(tmp_path / "job.pickle")!r}, "rb")), trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"ALLFUSE_GPU_JOBS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**env, "CUDA_VISIBLE_DEVICES": ""})
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not marker.exists():
             assert proc.poll() is None, "the study process ended before its third trial"
             assert time.monotonic() < deadline, "the study process never reached its third trial"
@@ -445,7 +322,7 @@ tune(job, trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
     db = tmp_path / "tune" / "study.db"
     before = study_trials(db)
     assert [t.state.name for t in before.values()].count("RUNNING") == 1
-    assert before[2].user_attrs[tuning.OWNER_ATTR]["pid"] == proc.pid
+    assert before[2].user_attrs[studies.OWNER_ATTR]["pid"] == proc.pid
     assert not Path(job.out_best).exists()
 
     record = tuning.tune(job, trainer=FakeTrainer())
@@ -462,18 +339,19 @@ tune(job, trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
     assert any(r["retry_of"] == "2" for r in csv_rows)
 
     # MLflow: one study run (created by the killed process, reused), the orphan's run KILLED.
-    from allfuse.tracking import client
+    from allfuse.tags import check_tags
 
-    c = client(mlflow_store["uri"])
-    exp = c.get_experiment_by_name("resume").experiment_id
-    runs = c.search_runs([exp])
+    c = tracking.client(store.uri)
+    runs = c.search_runs([store.experiment_id])
     parents = [r for r in runs if r.data.tags.get("allfuse.level") == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("allfuse.level") == "trial"]
     assert len(children) == len(after)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
-    orphan = next(r for r in children if r.info.run_id == after[2].user_attrs[tuning.RUN_ATTR])
+    orphan = next(r for r in children if r.info.run_id == after[2].user_attrs[studies.RUN_ATTR])
     assert orphan.info.status == "KILLED" and orphan.data.tags["allfuse.trial_state"] == "FAIL"
+    assert all(check_tags(r.data.tags) == [] for r in runs)
+    assert record["run_id"] == parents[0].info.run_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,31 +360,25 @@ tune(job, trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
 
 
 @pytest.mark.slow
-def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow_store, monkeypatch):
-    import allfuse.features
+def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow_store, cpu_only, make_job):
+    import allfuse.training_data
 
     opened: list[str] = []
-    real_load = allfuse.features.load_features
+    real_load = allfuse.training_data.load_features
 
     def spy(path):
         opened.append(str(path))
         return real_load(path)
 
-    monkeypatch.setattr(allfuse.features, "load_features", spy)
-    store = store_file(mlflow_store, tmp_path, "real")
+    cpu_only.setattr(allfuse.training_data, "load_features", spy)
+    store = mlflow_store.experiment("real")
     # Same seed, same initial head: the learning rate 1e-5 trial barely moves from the initial
     # loss while the 0.03 trial has dropped below it, so the median pruner stops it.
     job = make_job(
-        tmp_path,
-        store=store,
-        tune={
-            **TUNE,
-            "n_trials": 2,
-            "epochs": 4,
-            "search_space": {"learning_rate": {"low": 1e-5, "high": 0.1, "log": True}},
-        },
+        tmp_path, store=store, runtime=Runtime(tmp_path / "locks", 1, True),
+        tune={"n_trials": 2, "epochs": 4, "search_space": {"learning_rate": {"low": 1e-5, "high": 0.1, "log": True}}},
         enqueue=[{"learning_rate": 0.03}, {"learning_rate": 1e-5}],
-    )
+    )  # fmt: skip
     record = tuning.tune(job)
 
     assert sorted(opened) == sorted([job.data["train"], job.data["val"]])  # test.npz (garbage) untouched
@@ -515,10 +387,8 @@ def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow
     assert record["trial"] == 0 and record["params"] == {"learning_rate": 0.03}
     assert record["value"] < trials[1].intermediate_values[min(trials[1].intermediate_values)]
 
-    from allfuse.tracking import client
-
-    c = client(mlflow_store["uri"])
-    runs = c.search_runs([c.get_experiment_by_name("real").experiment_id])
+    c = tracking.client(store.uri)
+    runs = c.search_runs([store.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("allfuse.level") == "study")
     children = {int(r.data.tags["allfuse.trial"]): r for r in runs if r.data.tags.get("allfuse.level") == "trial"}
     assert set(children) == {0, 1}
@@ -533,3 +403,4 @@ def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow
     assert "trial_seconds" in children[1].data.metrics
     assert parent.data.params["best.learning_rate"] == "0.03"
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["allfuse.device"] == "cpu"

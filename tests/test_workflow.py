@@ -17,31 +17,19 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture
+def snakemake(smk):
+    return lambda workdir, *args: smk.run(workdir, *args, timeout=300)
 
 
-def write_config(workdir: Path, config: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+@pytest.fixture
+def write_config(smk):
+    return smk.write_config
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table."""
-    lines = output.splitlines()
-    start = lines.index("Job stats:") + 3
-    counts = {}
-    for line in lines[start:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
+@pytest.fixture
+def job_counts(smk):
+    return smk.job_counts
 
 
 def test_snakefmt_check():
@@ -56,7 +44,7 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
 
 
-def test_default_config_dag_has_every_stage(tmp_path):
+def test_default_config_dag_has_every_stage(tmp_path, snakemake, write_config, job_counts):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     write_config(tmp_path, config)
     out = snakemake(tmp_path, "-n")
@@ -79,7 +67,7 @@ def test_default_config_dag_has_every_stage(tmp_path):
     assert out.stdout.count(share) == n_d * n_b * (2 + n_s), out.stdout
 
 
-def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path):
+def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path, snakemake, write_config, job_counts):
     write_config(tmp_path, {"datasets": ["ALL_IDB2"], "tune": {"n_trials": 0}, "ensemble": {"seeds": [5]}})
     out = snakemake(tmp_path, "-n")
     assert out.returncode == 0, out.stderr + out.stdout
@@ -90,7 +78,7 @@ def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path):
     assert "seed5" in out.stdout
 
 
-def test_finetune_mode_skips_feature_extraction_for_that_backbone(tmp_path):
+def test_finetune_mode_skips_feature_extraction_for_that_backbone(tmp_path, snakemake, write_config, job_counts):
     write_config(tmp_path, {"datasets": ["ALL_IDB2"], "backbones": {"mobilenetv2": {"input_size": 96, "mode": "finetune"}}})
     out = snakemake(tmp_path, "-n")
     assert out.returncode == 0, out.stderr + out.stdout
@@ -100,13 +88,20 @@ def test_finetune_mode_skips_feature_extraction_for_that_backbone(tmp_path):
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
-        ({"hybird": {}}, "unknown config key 'hybird'"),
+        ({"hybird": {}}, "unknown config key 'hybird' at the top level (did you mean 'hybrid'?)"),
         ({"hybrid": {"epochs": "ten"}}, "hybrid.epochs"),
         ({"backbones": {"resnet50": {}}}, "resnet50"),
         ({"split": {"protocol": "random"}}, "split.protocol"),
+        # Errors a job would only hit much later, found at start-up:
+        ({"backbones": {"inceptionv3": {"input_size": 60}}}, "'backbones.inceptionv3.input_size' is out of range"),
+        ({"tune": {"search_space": {"learnig_rate": {"low": 0.001, "high": 0.01}}}}, "did you mean 'learning_rate'?"),
+        (
+            {"tune": {"search_space": {"unfreeze_layers": {"low": 0, "high": 9}}}},
+            "leaves backbone 'inceptionv3' (head mode) nothing to tune",
+        ),
     ],
 )
-def test_config_errors_stop_the_workflow_with_the_key_named(tmp_path, config, needle):
+def test_config_errors_stop_the_workflow_with_the_key_named(tmp_path, config, needle, snakemake, write_config):
     write_config(tmp_path, config)
     out = snakemake(tmp_path, "-n")
     assert out.returncode != 0
@@ -114,14 +109,14 @@ def test_config_errors_stop_the_workflow_with_the_key_named(tmp_path, config, ne
     assert not (tmp_path / "results").exists()
 
 
-def test_missing_archive_is_named_at_start_up(tmp_path):
+def test_missing_archive_is_named_at_start_up(tmp_path, snakemake, write_config):
     write_config(tmp_path, {"datasets": ["ALL_IDB2"], "data": {"archives": {"ALL_IDB2": "nowhere/ALL_IDB2.zip"}}})
     out = snakemake(tmp_path, "-n")
     assert out.returncode != 0
     assert "data.archives.ALL_IDB2: nowhere/ALL_IDB2.zip does not exist" in out.stderr + out.stdout
 
 
-def test_adapter_runs_standalone_outside_snakemake(tmp_path):
+def test_adapter_runs_standalone_outside_snakemake(tmp_path, write_config):
     """Each workflow script can be run by hand (`python workflow_scripts/X.py name=value ...`):
     the snakemake object is built from the real rule, relative to --directory."""
     config = {

@@ -1,12 +1,16 @@
 """Shared plumbing of the workflow adapters (not part of the library).
 
 Every adapter does three things: unpack the ``snakemake`` object, send logging into the rule's
-``log:`` file, and call one ``allfuse`` function. ``run`` does the logging and turns an
+``log:`` file, and call one ``allfuse`` function. ``run_rule`` does the logging and turns an
 ``AllfuseError`` into one clear line in the log (and on stderr) with a non-zero exit, instead of a
-traceback. ``mock_snakemake`` builds the same object outside Snakemake so that any adapter can be
-run by hand for debugging:
+traceback; outside Snakemake it builds the ``snakemake`` object itself (``mock_snakemake``), so
+any adapter can be run by hand for debugging:
 
     python workflow_scripts/make_splits.py dataset=ALL_IDB1 [--configfile my.yaml] [--directory DIR]
+
+``context`` and ``runtime`` turn the object into what the library's stages take: who runs the
+stage (rule, wildcards, resolved config, tracking store, this workflow's source tree) and how a
+compute job runs (GPU lock folder, thread share, determinism, Keras home).
 """
 
 from __future__ import annotations
@@ -26,12 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from allfuse.errors import AllfuseError  # noqa: E402
-from allfuse.models import configure_keras_home  # noqa: E402
-
-# Keras' cache and settings stay in the workflow's working directory (.keras/) unless the user set
-# KERAS_HOME; this must happen before anything imports Keras.
-_USER_KERAS_HOME = bool(os.environ.get("KERAS_HOME"))
-configure_keras_home(Path.cwd())
+from allfuse.session import Runtime  # noqa: E402
+from allfuse.stages import StageContext, StoreInfo  # noqa: E402
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -56,12 +56,12 @@ def setup_logging(log_path: str | os.PathLike[str] | None, level: int = logging.
     return log
 
 
-def run(main: Callable[[Any, logging.Logger], None], smk: Any) -> None:
-    """Run an adapter's ``main(snakemake, log)`` with logging set up from the rule's ``log:``."""
-    log_path = smk.log[0] if len(smk.log) else None
-    log = setup_logging(log_path)
-    wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
-    log.info("rule %s %s", smk.rule, wildcards)
+def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -> None:
+    """Run an adapter's ``main(snakemake, log)`` with logging set up from the rule's ``log:``;
+    ``smk`` None (run by hand) builds the object from the command line first."""
+    smk = smk if smk is not None else standalone(rule)
+    log = setup_logging(smk.log[0] if len(smk.log) else None)
+    log.info("rule %s %s (pid %d)", smk.rule, dict(smk.wildcards.items()), os.getpid())
     start = time.perf_counter()
     try:
         main(smk, log)
@@ -72,11 +72,25 @@ def run(main: Callable[[Any, logging.Logger], None], smk: Any) -> None:
     log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
 
 
-def compute_threads(smk: Any) -> int:
-    """Threads a compute job gives TensorFlow: the rule's ``tf_threads`` resource (its share of
-    this host, see allfuse.gpu.thread_share), else the threads Snakemake granted."""
+def context(smk: Any) -> StageContext:
+    """The stage's identity: rule, wildcards, the whole resolved config, the tracking store (when
+    the rule has one as input), and this workflow's source tree (for the git commit)."""
+    store = StoreInfo.read(smk.input.store) if "store" in smk.input.keys() else None
+    return StageContext(smk.rule, dict(smk.wildcards.items()), dict(smk.config), store, REPO)
+
+
+def runtime(smk: Any) -> Runtime:
+    """How a compute job runs: GPU slots locked under the rule's folder, TensorFlow threads (the
+    rule's ``tf_threads`` resource: its share of this host), determinism, and Keras' cache and
+    settings in the working directory's .keras/ (unless KERAS_HOME is set)."""
     share = getattr(smk.resources, "tf_threads", None)
-    return int(share) if share else int(smk.threads)
+    threads = int(share) if share else int(smk.threads)
+    return Runtime(smk.params.gpu_locks, threads, bool(smk.params.deterministic), Path.cwd())
+
+
+def inputs(smk: Any, *names: str) -> dict[str, str]:
+    """The named single-file inputs the rule has, by name (for provenance hashes and data)."""
+    return {name: str(smk.input[name]) for name in names if name in smk.input.keys()}
 
 
 def mock_snakemake(
@@ -100,9 +114,6 @@ def mock_snakemake(
 
     workdir = Path(directory).resolve() if directory else REPO
     os.chdir(workdir)
-    if not _USER_KERAS_HOME:  # the working directory moved: so does the project's Keras home
-        os.environ.pop("KERAS_HOME", None)
-        configure_keras_home(workdir)
     with SnakemakeApi(OutputSettings()) as api:
         settings = ConfigSettings(configfiles=[Path(c).resolve() for c in (configfiles or [])])
         workflow_api = api.workflow(

@@ -1,32 +1,26 @@
 """Rule aggregate_ensemble: one backbone's deep ensemble (mean probability and uncertainty)."""
 
-from _common import run, standalone
+from _common import context, run_rule
 
 from allfuse.evaluation import aggregate_ensemble
+from allfuse.predictions import load_member
+from allfuse.settings import EvaluationSettings
+from allfuse.stages import SplitFacts, read_record
 
 
 def main(smk, log):
     record = aggregate_ensemble(
-        smk.input.predictions,
-        smk.input.runs,
-        smk.input.parent,
-        dataset=smk.wildcards.dataset,
-        backbone=smk.wildcards.backbone,
-        seeds=smk.params.seeds,
-        evaluation=smk.params.evaluation,
-        store=smk.input.store,
+        [load_member(path) for path in smk.input.runs],
+        parent_run_id=read_record(smk.input.parent, "init_tracking").get("run_id"),
+        context=context(smk),
+        evaluation=EvaluationSettings.from_params(smk.params.evaluation),
+        synthetic=SplitFacts.read(smk.input.split).synthetic,
         out_predictions=smk.output.predictions,
         out_run=smk.output.run,
     )
-    log.info(
-        "ensemble of %d members: test accuracy %.4f, parent run %s finished",
-        record["n_members"],
-        record["test_accuracy"],
-        record["run_id"],
-    )
+    log.info("ensemble of %d members: test accuracy %.4f, run %s", record["n_members"], record["test_accuracy"],
+             record["run_id"])  # fmt: skip
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("aggregate_ensemble")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "aggregate_ensemble")

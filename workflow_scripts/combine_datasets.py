@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from _common import run, standalone
+from _common import run_rule
 
 from allfuse.data import combine_datasets, load_images, read_manifest, summarise_rows, write_dataset
 
@@ -18,6 +18,4 @@ def main(smk, log):
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("combine_datasets")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "combine_datasets")

@@ -1,40 +1,29 @@
 """Rule evaluate: metric tables with intervals, paper comparison and referral, logged to MLflow."""
 
-from _common import run, standalone
+from _common import context, run_rule
 
-from allfuse.evaluation import evaluate
+from allfuse.evaluation import TableOutputs, evaluate
+from allfuse.predictions import load_ensemble, load_fusion, load_member
+from allfuse.settings import EvaluationSettings
+from allfuse.stages import SplitFacts
 
 
 def main(smk, log):
+    splits = {facts.dataset: facts for facts in map(SplitFacts.read, smk.input.splits)}
+    o = smk.output
     record = evaluate(
-        smk.input.members,
-        smk.input.member_runs,
-        smk.input.ensembles,
-        smk.input.ensemble_runs,
-        smk.input.fusion,
-        smk.input.fusion_runs,
-        smk.input.splits,
-        datasets=smk.params.datasets,
-        backbones=smk.params.backbones,
-        seeds=smk.params.seeds,
-        evaluation=smk.params.evaluation,
-        store=smk.input.store,
+        [load_member(path) for path in smk.input.member_runs],
+        [load_ensemble(path) for path in smk.input.ensemble_runs],
+        [load_fusion(path) for path in smk.input.fusion_runs],
+        splits,
+        context=context(smk),
+        evaluation=EvaluationSettings.from_params(smk.params.evaluation),
+        outputs=TableOutputs(o.metrics_csv, o.metrics_md, o.paper, o.referral, o.run),
         plots=smk.input.plots,
-        out_metrics_csv=smk.output.metrics_csv,
-        out_metrics_md=smk.output.metrics_md,
-        out_paper=smk.output.paper,
-        out_referral=smk.output.referral,
-        out_run=smk.output.run,
     )
-    log.info(
-        "%d table rows; sum-rule test accuracy %s; run %s",
-        record["n_rows"],
-        record["sum_test_accuracy"],
-        record["run_id"],
-    )
+    log.info("%d table rows; sum-rule test accuracy %s; run %s", record["n_rows"], record["sum_test_accuracy"],
+             record["run_id"])  # fmt: skip
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("evaluate")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "evaluate")

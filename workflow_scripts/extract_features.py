@@ -1,24 +1,23 @@
 """Rule extract_features: frozen-backbone feature maps of one dataset (head mode)."""
 
-from _common import compute_threads, run, standalone
+from _common import run_rule, runtime
 
-from allfuse.features import extract_dataset_features
+from allfuse.features import FeatureJob, extract_dataset_features
+from allfuse.settings import FeatureSettings
 
 
 def main(smk, log):
-    extract_dataset_features(
+    job = FeatureJob(
         manifest=smk.input.manifest,
         images=smk.input.images,
         split=smk.input.split,
-        fold=smk.params.fold,
-        settings=dict(smk.params.features),
+        fold=int(smk.params.fold),
+        settings=FeatureSettings.from_params(smk.params.features),
         outputs={"train": smk.output.train, "val": smk.output.val, "test": smk.output.test},
-        deterministic=smk.params.deterministic,
-        threads=compute_threads(smk),
+        runtime=runtime(smk),
     )
+    log.info("feature maps per subset: %s", extract_dataset_features(job))
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("extract_features")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "extract_features")

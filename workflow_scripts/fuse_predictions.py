@@ -1,37 +1,27 @@
 """Rule fuse_predictions: sum-rule (and further) fusion of the backbones' ensembles of one dataset."""
 
-from _common import run, standalone
+from _common import context, run_rule
 
 from allfuse.evaluation import fuse_predictions
+from allfuse.predictions import load_ensemble, load_member
+from allfuse.settings import EvaluationSettings
 
 
 def main(smk, log):
     record = fuse_predictions(
-        smk.input.ensembles,
-        smk.input.ensemble_runs,
-        smk.input.members,
-        smk.input.member_runs,
-        smk.input.split,
-        dataset=smk.wildcards.dataset,
-        backbones=smk.params.backbones,
-        seeds=smk.params.seeds,
-        evaluation=smk.params.evaluation,
-        store=smk.input.store,
+        [load_ensemble(path) for path in smk.input.ensemble_runs],
+        [load_member(path) for path in smk.input.member_runs],
+        split=smk.input.split,
+        context=context(smk),
+        evaluation=EvaluationSettings.from_params(smk.params.evaluation),
+        fold=int(smk.params.fold),
         out_predictions=smk.output.predictions,
         out_weights=smk.output.weights,
         out_run=smk.output.run,
-        resolved_config=dict(smk.config),
     )
-    log.info(
-        "fused %s: sum-rule test accuracy %.4f, weights %s, run %s",
-        ", ".join(record["backbones"]),
-        record["sum_test_accuracy"],
-        record["weights"],
-        record["run_id"],
-    )
+    log.info("fused %s: sum-rule test accuracy %.4f, weights %s, run %s", ", ".join(record["backbones"]),
+             record["sum_test_accuracy"], record["weights"], record["run_id"])  # fmt: skip
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("fuse_predictions")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "fuse_predictions")

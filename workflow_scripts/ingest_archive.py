@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from _common import run, standalone
+from _common import run_rule
 
-from allfuse.data import ingest_archive, summarise_rows, write_dataset
+from allfuse.data import summarise_rows, write_dataset
+from allfuse.ingest import ingest_archive
 
 
 def main(smk, log):
@@ -19,6 +20,4 @@ def main(smk, log):
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("ingest_archive")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "ingest_archive")

@@ -1,26 +1,25 @@
 """Rule init_tracking: the MLflow store, the experiment, and one parent run per ensemble."""
 
-from _common import run, standalone
+from _common import REPO, run_rule
 
+from allfuse.evaluation import start_ensemble_run
 from allfuse.files import write_json
-from allfuse.tracking import init_tracking, start_ensemble_runs
+from allfuse.stages import StageContext, init_tracking
 
 
 def main(smk, log):
-    store = init_tracking(smk.params.tracking)
-    write_json(smk.output.store, store)
-    log.info("MLflow store %s, experiment %s (id %s)", store["uri"], store["experiment"], store["experiment_id"])
-    datasets, backbones = smk.params.datasets, smk.params.backbones
-    data = {
-        dataset: {"manifest": manifest, "split": split}
-        for dataset, manifest, split in zip(datasets, smk.input.manifests, smk.input.splits, strict=True)
-    }
-    pairs = [(dataset, backbone) for dataset in datasets for backbone in backbones]  # the order of expand()
-    outputs = dict(zip(pairs, smk.output.parents, strict=True))
-    start_ensemble_runs(store, outputs, data, smk.params.seeds, dict(smk.config))
+    store = init_tracking(smk.params.tracking, smk.params.store_dir)
+    write_json(smk.output.store, store.as_dict())
+    log.info("MLflow store %s, experiment %s (id %s)", store.uri, store.experiment, store.experiment_id)
+    for e in smk.params.ensembles:  # {dataset, backbone, parent, manifest, split}
+        wildcards = {"dataset": e["dataset"], "backbone": e["backbone"]}
+        ctx = StageContext(smk.rule, wildcards, dict(smk.config), store, REPO)
+        parent = start_ensemble_run(
+            ctx, e["dataset"], e["backbone"], seeds=smk.params.seeds, fold=int(smk.params.fold), split=e["split"],
+            inputs={"manifest": e["manifest"], "split": e["split"]}, out=e["parent"],
+        )  # fmt: skip
+        log.info("parent run %s for %s/%s", parent["run_id"], e["dataset"], e["backbone"])
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("init_tracking")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "init_tracking")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from _common import run, standalone
+from _common import run_rule
 
 from allfuse.synthetic import DemoSpec, make_demo_archives
 
@@ -15,6 +15,4 @@ def main(smk, log):
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("make_demo_archives")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "make_demo_archives")

@@ -1,6 +1,6 @@
 """Rule make_splits: deterministic train/val/test split(s) of one dataset."""
 
-from _common import run, standalone
+from _common import run_rule
 
 from allfuse.data import read_manifest
 from allfuse.files import write_json
@@ -28,6 +28,4 @@ def main(smk, log):
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("make_splits")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "make_splits")

@@ -1,42 +1,33 @@
 """Rule train_member: one deep-ensemble member (dataset, backbone, seed), tracked in MLflow."""
 
-from _common import compute_threads, run, standalone
+from _common import context, inputs, run_rule, runtime
 
-from allfuse.files import sha256_json
-from allfuse.members import MemberJob, train_member
+from allfuse.members import MemberJob, MemberOutputs, train_member
+from allfuse.settings import EvaluationSettings, HybridSettings
 
 
 def main(smk, log):
-    wildcards = dict(smk.wildcards.items())
-    data_keys = ("train", "val", "test", "manifest", "images")
+    w = smk.wildcards
     job = MemberJob(
-        dataset=wildcards["dataset"],
-        backbone=wildcards["backbone"],
-        seed=int(wildcards["seed"]),
-        settings=dict(smk.params.settings),
-        data={key: smk.input[key] for key in data_keys if key in smk.input.keys()},
+        dataset=w.dataset,
+        backbone=w.backbone,
+        seed=int(w.seed),
+        settings=HybridSettings.from_params(smk.params.settings),
+        data=inputs(smk, "train", "val", "test", "manifest", "images"),
         split=smk.input.split,
+        outputs=MemberOutputs(smk.output.model, smk.output.predictions, smk.output.history, smk.output.run),
+        runtime=runtime(smk),
+        # The run's summary metrics are scored as the tables are; not a param: changing how the
+        # tables are scored must retrain nothing.
+        evaluation=EvaluationSettings.from_params(smk.config["evaluation"]),
+        context=context(smk),
+        fold=int(smk.params.fold),
         best_params=smk.input.best[0] if smk.input.best else None,
         parent_run=smk.input.parent,
-        out_model=smk.output.model,
-        out_predictions=smk.output.predictions,
-        out_history=smk.output.history,
-        out_run=smk.output.run,
-        fold=smk.params.fold,
-        deterministic=smk.params.deterministic,
-        threads=compute_threads(smk),
-        provenance={
-            "rule": smk.rule,
-            "wildcards": wildcards,
-            "config": dict(smk.config),
-            "config_hash": sha256_json(dict(smk.config)),
-        },
     )
     record = train_member(job)
     log.info("member done: run %s on %s, best epoch %s", record["run_id"], record["device"], record["best_epoch"])
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("train_member")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "train_member")

@@ -1,8 +1,8 @@
 """Rule tune_backbone: the Optuna study of one (dataset, backbone), on train and validation data only."""
 
-from _common import compute_threads, run, standalone
+from _common import context, inputs, run_rule, runtime
 
-from allfuse.files import sha256_json
+from allfuse.settings import TuneSettings
 from allfuse.tuning import TuneJob, tune
 
 
@@ -12,39 +12,22 @@ def main(smk, log):
     # Optuna's own handler writes to stderr only; send its trial lines into the rule's log too.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    wildcards = dict(smk.wildcards.items())
-    data_keys = ("train", "val", "manifest", "images")  # never the test subset: it is not an input
     job = TuneJob(
-        dataset=wildcards["dataset"],
-        backbone=wildcards["backbone"],
-        settings=dict(smk.params.settings),
-        tune=dict(smk.params.tune),
-        data={key: smk.input[key] for key in data_keys if key in smk.input.keys()},
+        dataset=smk.wildcards.dataset,
+        backbone=smk.wildcards.backbone,
+        base=dict(smk.params.base),
+        tune=TuneSettings.from_params(smk.params.tune),
+        data=inputs(smk, "train", "val", "manifest", "images"),  # never the test subset: not an input
         split=smk.input.split,
-        store=smk.input.store,
         out_best=smk.output.best,
         out_trials=smk.output.trials,
-        fold=smk.params.fold,
-        deterministic=smk.params.deterministic,
-        threads=compute_threads(smk),
-        provenance={
-            "rule": smk.rule,
-            "wildcards": wildcards,
-            "config_hash": sha256_json(dict(smk.config)),
-        },
+        runtime=runtime(smk),
+        context=context(smk),
+        fold=int(smk.params.fold),
     )
     record = tune(job)
-    log.info(
-        "study %s: best trial %d of %d finished (%s = %.4g)",
-        record["study"],
-        record["trial"],
-        record["n_complete"] + record["n_pruned"],
-        record["objective"],
-        record["value"],
-    )
+    log.info("study %s: best trial %d (%s = %.4g)", record["study"], record["trial"], record["objective"], record["value"])
 
 
 if __name__ == "__main__":
-    if "snakemake" not in globals():
-        snakemake = standalone("tune_backbone")
-    run(main, snakemake)
+    run_rule(main, globals().get("snakemake"), "tune_backbone")

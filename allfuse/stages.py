@@ -1,0 +1,250 @@
+"""Stage runs: one way for every workflow stage to run under MLflow and leave its outputs.
+
+A stage (a study, a member, an ensemble, a fusion, the evaluation) is one job with inputs,
+outputs and a run record (``run.json``). :func:`stage_run` gives each of them the same life:
+
+1. runs of the same job left RUNNING by a dead process are marked KILLED;
+2. the stage's run is opened (or an existing one resumed: an ensemble's parent run, a study's
+   run after a crash) with the tags of ``allfuse.tags``: provenance (code commit, the hash of the
+   whole resolved config, a sha256 per input file, job identity, host, pid) and the stage's own;
+   the resolved config goes with it as an artifact;
+3. SIGTERM (Snakemake or a scheduler cancelling the job) becomes KeyboardInterrupt, so the block
+   unwinds like Ctrl-C;
+4. the stage does its work, writing its outputs atomically;
+5. on success the run ends FINISHED and only then is ``run.json`` written (its presence marks a
+   finished stage); on an exception the run ends FAILED (KILLED on an interrupt) and every
+   output, ``run.json`` included, is removed, so nothing of a failed attempt looks finished.
+
+Without a tracking store (``StageContext.store`` None) the same happens with a stand-in run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from allfuse import __version__, tracking
+from allfuse import tags as T
+from allfuse.errors import DataError
+from allfuse.files import PathLike, read_json, removed_on_failure, sha256_file, sha256_json, write_json
+
+log = logging.getLogger(__name__)
+
+#: The library's own source tree: where the commit is looked up unless the caller names another.
+SOURCE_TREE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The MLflow store and experiment every stage logs to (``store.json`` of init_tracking)."""
+
+    uri: str
+    experiment: str
+    experiment_id: str
+
+    @classmethod
+    def read(cls, path: PathLike) -> StoreInfo:
+        info = read_record(path, "init_tracking")
+        missing = [k for k in ("uri", "experiment", "experiment_id") if k not in info]
+        if missing:
+            raise DataError(f"{path}: lacks {', '.join(missing)}; delete it and rerun the init_tracking rule")
+        return cls(str(info["uri"]), str(info["experiment"]), str(info["experiment_id"]))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id}
+
+
+@dataclass(frozen=True)
+class SplitFacts:
+    """What stages need to know of a dataset's split file: dataset, protocol, and whether the
+    data are the synthetic demo (every run and table says so)."""
+
+    dataset: str
+    protocol: str
+    synthetic: bool
+
+    @classmethod
+    def read(cls, path: PathLike) -> SplitFacts:
+        split = read_record(path, "make_splits")
+        return cls(str(split.get("dataset", "")), str(split.get("protocol", "n/a")), bool(split.get("synthetic", False)))
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Who runs a stage: the rule, its wildcards, the whole resolved workflow config (hashed into
+    every run, stored with it), the tracking store (None: no MLflow) and the workflow's source
+    tree, whose git commit every run records."""
+
+    rule: str
+    wildcards: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    store: StoreInfo | None = None
+    source: PathLike = SOURCE_TREE
+
+    @property
+    def job(self) -> str:
+        """``rule/value/value``: the job that owns a run, wildcard values in name order."""
+        return "/".join([self.rule, *(str(v) for _, v in sorted(self.wildcards.items()))])
+
+    def tags(self, level: str, dataset: str, synthetic: bool, inputs: Mapping[str, PathLike]) -> dict[str, str]:
+        """The common tags of ``allfuse.tags`` for a run of this job at ``level``."""
+        git = tracking.git_info(str(self.source))
+        out = {
+            T.VERSION: __version__,
+            T.LEVEL: level,
+            T.RULE: self.rule,
+            T.JOB: self.job,
+            T.WILDCARDS: json.dumps({k: str(v) for k, v in self.wildcards.items()}, sort_keys=True),
+            T.CONFIG_SHA256: sha256_json(dict(self.config)),
+            T.GIT_COMMIT: git["git_commit"],
+            T.GIT_DIRTY: git["git_dirty"],
+            T.MLFLOW_COMMIT: git["git_commit"],
+            T.HOST: socket.gethostname(),
+            T.PID: str(os.getpid()),
+            T.SYNTHETIC: str(bool(synthetic)).lower(),
+            T.DATASET: dataset,
+        }
+        return out | {f"{T.SHA256}{name}": sha256_file(path) for name, path in inputs.items()}
+
+
+class StageRun:
+    """The run of a stage in progress: ``run`` (an allfuse.tracking.Run, or a stand-in) and
+    ``record``, which the stage fills and which is written to ``run.json`` once the run ended."""
+
+    def __init__(self, context: StageContext, run: tracking.Run | tracking.NullRun, common: Mapping[str, str]) -> None:
+        self.context = context
+        self.run = run
+        self.common = dict(common)
+        self.record: dict[str, Any] = {}
+
+    def log_epoch(self, epoch: int, logs: Mapping[str, Any]) -> None:
+        """One metric step per epoch (the numbers of a training loop's epoch logs), and a log line."""
+        numbers = {k: float(v) for k, v in logs.items() if _is_number(v)}
+        log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in sorted(numbers.items())))
+        self.run.log_metrics(numbers, step=epoch)
+
+    def child(self, level: str, name: str, tags: Mapping[str, Any]) -> tracking.Run | tracking.NullRun:
+        """A run nested under this one (a study's trial), with the same common tags."""
+        store = self.context.store
+        if store is None or self.run.run_id is None:
+            return tracking.NullRun()
+        full = self.common | {T.LEVEL: level} | dict(tags)
+        return tracking.create_run(store.uri, store.experiment_id, name, full, parent_run_id=self.run.run_id)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_record(path: PathLike, producer: str) -> dict[str, Any]:
+    """A JSON record another rule wrote; one clear error when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; it is written by rule {producer} (run the workflow up to it)")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc.__class__.__name__}: {exc}); delete it and rerun rule {producer}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not a JSON object; delete it and rerun rule {producer}")
+    return record
+
+
+
+def open_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool,
+             inputs: Mapping[str, PathLike], tags: Mapping[str, Any], parent_run_id: str | None = None,
+             resume: str | None = None) -> StageRun:  # fmt: skip
+    """Open (or, with ``resume``, reopen) the run of a stage and return it RUNNING.
+
+    Used directly for a run that outlives its job (an ensemble's parent run, created before its
+    members); every other stage goes through :func:`stage_run`, which also closes it.
+    """
+    store = context.store
+    common = context.tags(level, dataset, synthetic, inputs)
+    if store is None:
+        return StageRun(context, tracking.NullRun(), common)
+    tracking.reap_dead_runs(store.uri, store.experiment_id, context.job, keep=resume)
+    full = common | {k: tracking.stringify(v) for k, v in tags.items()}
+    if resume and tracking.run_exists(store.uri, resume):
+        run = tracking.Run(store.uri, resume)
+        run.set_status("RUNNING")
+        run.set_tags(full)
+        log.info("resuming MLflow run %s (%s)", resume, name)
+    else:
+        run = tracking.create_run(store.uri, store.experiment_id, name, full, parent_run_id=parent_run_id)
+        log.info("MLflow run %s started (%s)", run.run_id, name)
+    if context.config:
+        run.log_config(context.config)
+    return StageRun(context, run, common)
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread for the block (no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stage_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool = False,
+              inputs: Mapping[str, PathLike], outputs: Sequence[PathLike] = (), record: PathLike | None = None,
+              tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
+              resume: str | None = None) -> Iterator[StageRun]:  # fmt: skip
+    """Run a stage's block under its MLflow run; see the module docstring for the life it gets.
+
+    ``outputs`` are removed when the block fails; ``record`` (``run.json``) is written last, with
+    the run's id, experiment and tracking URI added to what the stage put in ``StageRun.record``.
+    """
+    cleanup = [*outputs, *([record] if record is not None else [])]
+    with removed_on_failure(cleanup), interrupt_on_sigterm():
+        stage = open_run(context, level, name, dataset=dataset, synthetic=synthetic, inputs=inputs,
+                         tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
+        try:
+            yield stage
+            stage.run.set_status("FINISHED")
+            if record is not None:
+                store = context.store
+                identity = {"run_id": stage.run.run_id, "experiment_id": store.experiment_id if store else None,
+                            "tracking_uri": store.uri if store else None}  # fmt: skip
+                write_json(record, identity | stage.record)
+        except KeyboardInterrupt:
+            _close(stage, "KILLED")
+            raise
+        except BaseException:
+            _close(stage, "FAILED")
+            raise
+
+
+def _close(stage: StageRun, status: str) -> None:
+    """End a failed stage's run; the original error matters more than one from the store."""
+    try:
+        stage.run.set_status(status)
+    except Exception:
+        log.exception("could not mark run %s %s", stage.run.run_id, status)
+
+
+def init_tracking(tracking_settings: Mapping[str, Any], store_dir: PathLike) -> StoreInfo:
+    """Create the store (``tracking.uri``, else ``<store_dir>/mlflow.db``) and the experiment once,
+    before parallel jobs log to them."""
+    uri = tracking.resolve_uri(tracking_settings.get("uri"), store_dir)
+    name = str(tracking_settings["experiment"])
+    return StoreInfo(uri, name, tracking.init_store(uri, [name], store_dir)[name])

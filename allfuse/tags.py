@@ -1,0 +1,145 @@
+"""The MLflow tag schema: every tag an allfuse run carries, in one list.
+
+Every run belongs to one level (``LEVELS``): a trial of a study, a study, a member, an ensemble
+(the parent of its members), a fusion, the evaluation. Every run carries the common tags; each
+level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
+``allfuse.sha256.<input>``, one tag per input file. ``check_tags`` says what a run's tags miss or
+hold beyond the schema; the tests run it on every run of a micro DAG, and docs/ARCHITECTURE.md
+shows :func:`schema_markdown`.
+
+Code refers to tags by the constants below, never by a string of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+LEVELS = ("trial", "study", "member", "ensemble", "fusion", "evaluation")
+ALL = LEVELS
+
+# Common to every run.
+VERSION = "allfuse.version"
+LEVEL = "allfuse.level"
+RULE = "allfuse.rule"
+JOB = "allfuse.job"
+WILDCARDS = "allfuse.wildcards"
+CONFIG_SHA256 = "allfuse.config_sha256"
+GIT_COMMIT = "allfuse.git_commit"
+GIT_DIRTY = "allfuse.git_dirty"
+MLFLOW_COMMIT = "mlflow.source.git.commit"
+MLFLOW_PARENT = "mlflow.parentRunId"
+HOST = "allfuse.host"
+PID = "allfuse.pid"
+SYNTHETIC = "allfuse.synthetic"
+DATASET = "allfuse.dataset"
+SHA256 = "allfuse.sha256."
+# What a run is about.
+BACKBONE = "allfuse.backbone"
+SEED = "allfuse.seed"
+SEEDS = "allfuse.seeds"
+FOLD = "allfuse.fold"
+DEVICE = "allfuse.device"
+TF_THREADS = "allfuse.tf_threads"
+TUNED = "allfuse.tuned"
+# Studies and trials.
+STUDY = "allfuse.study"
+STUDY_DB = "allfuse.study_db"
+SETTINGS_HASH = "allfuse.settings_hash"
+N_TRIALS = "allfuse.n_trials"
+TRIAL = "allfuse.trial"
+TRIAL_STATE = "allfuse.trial_state"
+BEST_TRIAL = "allfuse.best_trial"
+BEST_RUN_ID = "allfuse.best_run_id"
+BEST = "allfuse.best."
+# Links between levels.
+N_MEMBERS = "allfuse.n_members"
+MEMBER_RUN_IDS = "allfuse.member_run_ids"
+ENSEMBLE_RUN = "allfuse.ensemble_run."
+MEMBER_RUNS = "allfuse.member_runs."
+FUSION_RUN = "allfuse.fusion_run."
+ENSEMBLE_RUNS = "allfuse.ensemble_runs."
+
+#: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
+VOLATILE = (HOST, PID)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """One tag (or family, a name ending in "."), the levels whose runs carry it, whether every
+    such run must, and what it means."""
+
+    name: str
+    levels: tuple[str, ...]
+    required: bool
+    meaning: str
+
+
+_COMPUTE = ("trial", "study", "member")
+SCHEMA: tuple[Tag, ...] = (
+    Tag(VERSION, ALL, True, "allfuse package version"),
+    Tag(LEVEL, ALL, True, "trial, study, member, ensemble, fusion or evaluation"),
+    Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
+    Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run (a dead job's runs end KILLED when it reruns)"),
+    Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
+    Tag(CONFIG_SHA256, ALL, True, "sha256 of the whole resolved workflow config (the same meaning on every run)"),
+    Tag(GIT_COMMIT, ALL, True, "commit of the workflow's source tree ('unknown' outside git)"),
+    Tag(GIT_DIRTY, ALL, True, "true when tracked files differ from that commit"),
+    Tag(MLFLOW_COMMIT, ALL, True, "the same commit, where MLflow's UI shows it"),
+    Tag(HOST, ALL, True, "host the job ran on"),
+    Tag(PID, ALL, True, "process id of the job"),
+    Tag(SYNTHETIC, ALL, True, "true when the data are the synthetic demo archives"),
+    Tag(DATASET, ALL, True, "dataset(s) the run covers, comma-separated"),
+    Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
+    Tag(MLFLOW_PARENT, ("trial", "member"), True, "the study (trial) or ensemble (member) run"),
+    Tag(BACKBONE, ("trial", "study", "member", "ensemble"), True, "the hybrid's backbone"),
+    Tag(FOLD, ("trial", "study", "member", "ensemble", "fusion"), True, "fold of the split file"),
+    Tag(SEED, ("member",), True, "the member's seed"),
+    Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
+    Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
+    Tag(TF_THREADS, ("study", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
+    Tag(TUNED, ("member",), True, "hyperparameters taken from the study's best trial ('none' without a study)"),
+    Tag(STUDY, ("trial", "study"), True, "Optuna study name"),
+    Tag(STUDY_DB, ("study",), True, "the study's storage file"),
+    Tag(SETTINGS_HASH, ("study",), True, "hash of what makes the study's trials comparable"),
+    Tag(N_TRIALS, ("study",), True, "the study's trial budget"),
+    Tag(TRIAL, ("trial",), True, "trial number"),
+    Tag(TRIAL_STATE, ("trial",), True, "COMPLETE, PRUNED or FAIL"),
+    Tag(BEST_TRIAL, ("trial", "study"), False, "trial: whether it is the study's best; study: the best trial's number"),
+    Tag(BEST_RUN_ID, ("study",), False, "the best trial's run"),
+    Tag(BEST, ("study",), False, "the best trial's value of each tuned hyperparameter"),
+    Tag(N_MEMBERS, ("ensemble",), False, "members averaged (once aggregated)"),
+    Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),
+    Tag(ENSEMBLE_RUN, ("fusion",), True, "each backbone's ensemble run"),
+    Tag(MEMBER_RUNS, ("fusion",), True, "each backbone's member runs, comma-separated"),
+    Tag(FUSION_RUN, ("evaluation",), True, "each dataset's fusion run"),
+    Tag(ENSEMBLE_RUNS, ("evaluation",), True, "each dataset's ensemble runs, comma-separated"),
+    Tag(MEMBER_RUNS, ("evaluation",), True, "each dataset's member runs, comma-separated"),
+)
+
+
+def _matches(tag: Tag, name: str) -> bool:
+    return name.startswith(tag.name) if tag.name.endswith(".") else name == tag.name
+
+
+def check_tags(tags: Mapping[str, str]) -> list[str]:
+    """What is wrong with one run's tags: required tags of its level missing, allfuse tags the
+    schema does not list for that level. [] when the run follows the schema."""
+    level = tags.get(LEVEL)
+    if level not in LEVELS:
+        return [f"{LEVEL} is {level!r}, not one of {', '.join(LEVELS)}"]
+    mine = [t for t in SCHEMA if level in t.levels]
+    problems = [f"missing {t.name}" for t in mine if t.required and not any(_matches(t, n) for n in tags)]
+    ours = [n for n in tags if n.startswith("allfuse.") or n in (MLFLOW_COMMIT, MLFLOW_PARENT)]
+    problems += [f"{n} is not in the tag schema of level {level}" for n in ours if not any(_matches(t, n) for t in mine)]
+    return problems
+
+
+def schema_markdown() -> str:
+    """The schema as a Markdown table (docs/ARCHITECTURE.md holds a copy; a test compares them)."""
+    lines = ["| tag | levels | required | meaning |", "|---|---|---|---|"]
+    for t in SCHEMA:
+        name = f"{t.name}<name>" if t.name.endswith(".") else t.name
+        levels = "all" if t.levels == ALL else ", ".join(t.levels)
+        lines.append(f"| `{name}` | {levels} | {'yes' if t.required else 'no'} | {t.meaning} |")
+    return "\n".join(lines) + "\n"
