@@ -76,8 +76,11 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
     best_params_path: the tune rule's best_params.json ({"params": {name: value}, ...}) or None.
     Raises AllfuseError for an unreadable file or a key the study may not tune.
     """
-    if not best_params_path:
-        return settings
+    return settings.with_params(read_best_params(best_params_path)) if best_params_path else settings
+
+
+def read_best_params(best_params_path: str) -> dict[str, Any]:
+    """The tuned values of a study's best_params.json, checked to be tunable keys."""
     try:
         best = read_json(best_params_path)
     except (OSError, ValueError) as exc:
@@ -93,7 +96,7 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
             f"{best_params_path}: unknown tuned parameter(s) {', '.join(repr(k) for k in unknown)}; a study may "
             f"tune only {', '.join(TUNABLE)}. Delete the file and rerun the tune rule"
         )
-    return settings.with_params(params)
+    return params
 
 
 def prediction_rows(data: TrainingData, model: Any) -> list[dict[str, Any]]:
@@ -127,31 +130,31 @@ def train_member(job: MemberJob) -> dict[str, Any]:
     fold, device, mode, deterministic, best_epoch, train_seconds, tf_threads (TensorFlow intra-op
     threads, None when left to TensorFlow), the resolved hyperparameters and the predictions file.
     """
-    settings = resolve_hyperparameters(job.settings, job.best_params)
+    tuned = read_best_params(job.best_params) if job.best_params else {}
+    settings = job.settings.with_params(tuned)
     parent = read_record(job.parent_run, "init_tracking") if job.parent_run else {}
     facts = SplitFacts.read(job.split)
     inputs = {**job.data, "split": job.split, **({"best_params": job.best_params} if job.best_params else {})}
-    tuned = sorted(read_json(job.best_params)["params"]) if job.best_params else []
     o = job.outputs
     with compute_session(job.runtime) as session:
         tags = {T.BACKBONE: job.backbone, T.SEED: job.seed, T.FOLD: job.fold, T.DEVICE: session.device,
-                T.TF_THREADS: session.tf_threads or "default", T.TUNED: ",".join(tuned) or "none"}  # fmt: skip
+                T.TF_THREADS: session.tf_threads or "default", T.TUNED: ",".join(sorted(tuned)) or "none"}  # fmt: skip
         name = f"member-{job.dataset}-{job.backbone}-seed{job.seed}"
         with stage_run(job.context, "member", name, dataset=job.dataset, synthetic=facts.synthetic, inputs=inputs,
                        outputs=[o.model, o.predictions, o.history], record=o.run, tags=tags,
                        parent_run_id=parent.get("run_id")) as stage:  # fmt: skip
-            _train(job, settings, session, stage)
+            _train(job, settings, facts, session, stage)
     return read_json(o.run)
 
 
-def _train(job: MemberJob, settings: HybridSettings, session: ComputeSession, stage: StageRun) -> None:
+def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session: ComputeSession,
+           stage: StageRun) -> None:  # fmt: skip
     """The member's own work inside its stage run (see the module docstring)."""
-    split = read_json(job.split)
     stage.run.log_params({**settings.as_params(), "seed": job.seed, "fold": job.fold,
                           "deterministic": session.deterministic})  # fmt: skip
     stage.run.log_dataset(name=f"{job.dataset}-split", digest=sha256_file(job.split), source=job.split,
                           context="training",
-                          profile={"protocol": split["protocol"], "seed": split["seed"], "fold": job.fold})  # fmt: skip
+                          profile={"protocol": facts.protocol, "seed": facts.seed, "fold": job.fold})  # fmt: skip
     data = load_training_data(settings.mode, job.data, job.split, job.fold)
     start = time.perf_counter()
     # Only the training and validation subsets reach training; the test subset is predicted once, below.

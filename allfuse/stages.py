@@ -65,17 +65,18 @@ class StoreInfo:
 
 @dataclass(frozen=True)
 class SplitFacts:
-    """What stages need to know of a dataset's split file: dataset, protocol, and whether the
-    data are the synthetic demo (every run and table says so)."""
+    """What stages need to know of a dataset's split file: dataset, protocol, its seed, and
+    whether the data are the synthetic demo (every run and table says so)."""
 
     dataset: str
     protocol: str
     synthetic: bool
+    seed: int | None = None
 
     @classmethod
     def read(cls, path: PathLike) -> SplitFacts:
-        split = read_record(path, "make_splits")
-        return cls(str(split.get("dataset", "")), str(split.get("protocol", "n/a")), bool(split.get("synthetic", False)))
+        s = read_record(path, "make_splits")
+        return cls(str(s.get("dataset", "")), str(s.get("protocol", "n/a")), bool(s.get("synthetic", False)), s.get("seed"))
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,13 @@ def interrupt_on_sigterm() -> Iterator[None]:
 def stage_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool = False,
               inputs: Mapping[str, PathLike], outputs: Sequence[PathLike] = (), record: PathLike | None = None,
               tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-              resume: str | None = None) -> Iterator[StageRun]:  # fmt: skip
+              resume: str | None = None, where: bool = True) -> Iterator[StageRun]:  # fmt: skip
     """Run a stage's block under its MLflow run; see the module docstring for the life it gets.
 
     ``outputs`` are removed when the block fails; ``record`` (``run.json``) is written last, with
-    the run's id, experiment and tracking URI added to what the stage put in ``StageRun.record``.
+    the run's id added to what the stage put in ``StageRun.record``, and with ``where`` also the
+    experiment and tracking URI (a record that later jobs hash, best_params.json, leaves out the
+    URI: it names this machine's store, and would make the same study differ between folders).
     """
     cleanup = [*outputs, *([record] if record is not None else [])]
     with removed_on_failure(cleanup), interrupt_on_sigterm():
@@ -223,8 +226,10 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
             stage.run.set_status("FINISHED")
             if record is not None:
                 store = context.store
-                identity = {"run_id": stage.run.run_id, "experiment_id": store.experiment_id if store else None,
-                            "tracking_uri": store.uri if store else None}  # fmt: skip
+                identity = {"run_id": stage.run.run_id}
+                if where:
+                    identity |= {"experiment_id": store.experiment_id if store else None,
+                                 "tracking_uri": store.uri if store else None}  # fmt: skip
                 write_json(record, identity | stage.record)
         except KeyboardInterrupt:
             _close(stage, "KILLED")

@@ -277,7 +277,7 @@ def train_head(
     return run.result(start)
 
 
-def _image_dataset(
+def training_batches(
     images: np.ndarray,
     labels: np.ndarray,
     rows: np.ndarray,
@@ -285,6 +285,7 @@ def _image_dataset(
     batch_size: int,
     seed: int,
     weights: dict[int, float] | None,
+    workers: int = 1,
 ) -> Any:
     """A keras.utils.PyDataset of training batches: random dihedral views, resized, 0-255 float.
 
@@ -295,7 +296,7 @@ def _image_dataset(
 
     class TrainBatches(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
+            super().__init__(workers=workers, use_multiprocessing=False)
             self.epoch = 0
             self.order = self._order()
 
@@ -392,7 +393,7 @@ def train_finetune(
     run = _Run(model, settings, _Monitor(settings.patience, on_epoch_end),
                lambda m: np.asarray(predict_batches(m, x_val, batch_size), dtype=np.float64),
                labels[val_rows], list(callbacks or []), verbose)  # fmt: skip
-    data = _image_dataset(images, labels, train_rows, size, batch_size, seed, weights)
+    data = training_batches(images, labels, train_rows, size, batch_size, seed, weights)
     if warmup > 0:
         model.get_layer("backbone").trainable = False
         run.fit("warmup", lr, data, epochs=warmup, initial_epoch=0)

@@ -189,7 +189,7 @@ def _run_study(job: TuneJob, data: TrainingData, trainer: Trainer, storage: Any,
             T.N_TRIALS: job.tune.n_trials}  # fmt: skip
     with stage_run(job.context, "study", f"study-{job.name}", dataset=job.dataset,
                    synthetic=SplitFacts.read(job.split).synthetic, inputs=inputs,
-                   outputs=[job.out_trials], record=job.out_best, tags=tags,
+                   outputs=[job.out_trials], record=job.out_best, tags=tags, where=False,
                    resume=study.user_attrs.get(studies.PARENT_ATTR)) as stage:  # fmt: skip
         if stage.run.run_id and study.user_attrs.get(studies.PARENT_ATTR) != stage.run.run_id:
             study.set_user_attr(studies.PARENT_ATTR, stage.run.run_id)

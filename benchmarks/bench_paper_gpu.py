@@ -7,21 +7,24 @@ study), on the synthetic demo archives at the official image sizes (2592 x 1944 
 crops) and with random backbone weights unless ``--weights`` says otherwise (a machine without
 internet has no ImageNet weights; timings do not depend on the weights' values). The options
 below override single keys (datasets, backbones, seeds, trials, epochs) for a smaller slice. The
-config becomes the config.yaml of a fresh copy of the repository (tracked files only, so
-``results/`` starts empty; the virtual environment is reused); ``snakemake`` runs there, and the
-script reports the wall time and reads every ``benchmark:`` file of the run: wall time per rule
+config becomes the config.yaml of a fresh copy of the repository (its working-tree files, tracked
+or untracked but not ignored, so ``results/`` starts empty; the virtual environment is reused);
+``snakemake`` runs there, and the script reports the wall time and reads every ``benchmark:``
+file of the run (in ``jobstats/``): wall time per rule
 (sum, max) and peak RSS per job, plus every rule's job durations from the Snakemake log.
 
 It refuses to run (exit status 2, with a message) when no GPU is visible, either to nvidia-smi
 or to the Keras backend in use (``KERAS_BACKEND``, default tensorflow: a CPU-only TensorFlow on a
-GPU machine would silently train on the CPU), unless ``--allow-cpu`` is given. ``--dry-run`` prints the config and the command and runs ``snakemake -n``
-with them in a temp copy (job counts, config validation); it needs no GPU and trains nothing.
+GPU machine would silently train on the CPU), unless ``--allow-cpu`` is given. ``--dry-run``
+prints the config and the command and runs ``snakemake -n`` with them in a temp copy (job counts,
+config validation); it needs no GPU and trains nothing.
 
 How to run it in a session with a GPU (from the repository root, with the project installed;
 for the GPU build of TensorFlow: ``.venv/bin/pip install -e ".[gpu]"``)::
 
     .venv/bin/python benchmarks/bench_paper_gpu.py --dry-run                  # what it would run
     .venv/bin/python benchmarks/bench_paper_gpu.py --out /tmp/paper --keep    # the full paper scale
+    .venv/bin/python benchmarks/bench_paper_gpu.py --smoke                    # tiny, on the CPU (about a minute)
 
 The full scale (3 datasets x 3 backbones x (30 trials + 5 members), finetune at 224-300 px) takes
 hours even on one large GPU, mostly graph building per trial and member. A session with a short
@@ -30,6 +33,12 @@ device budget runs a slice and extrapolates from the per-rule table, for example
     .venv/bin/python benchmarks/bench_paper_gpu.py --datasets ALL_IDB2 --trials 2 --seeds 1 2 \\
         --epochs 5 --tune-epochs 3 --timeout 480
 
+``--smoke`` runs the same pipeline at tiny sizes without asking for a GPU (as if ``--allow-cpu``;
+on a machine without one, on the CPU):
+the paper config shrunk to one dataset, MobileNetV2 at 33 px, one member, no study, 2 epochs
+(benchmarks/_common.py SMOKE_CONFIG), demo archives at demo sizes; it says which device each
+member ran on (from the members' run.json).
+
 ``--timeout`` stops Snakemake (SIGINT, it cleans up) and still prints the tables of the jobs that
 finished. ``--weights imagenet`` (or a weights file path) where the weights are available
 offline (see config.paper.yaml).
@@ -37,10 +46,9 @@ offline (see config.paper.yaml).
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,35 +57,39 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     SNAKEMAKE,
+    add_run_options,
     copy_repo,
+    finish_copy,
     fmt,
     gpu_names,
     job_counts,
+    make_parser,
+    markdown_table,
+    merged,
+    parse,
     print_machine,
     print_run_summary,
-    run_workflow,
+    repo_config,
+    run_in_copy,
+    smoke_config,
     snakemake_env,
     timed_run,
+    write_config,
 )
 
 BACKBONES = ("inceptionv3", "efficientnetb3", "mobilenetv2")
 PAPER_CONFIG = REPO / "config.paper.yaml"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None = None):
+    p = make_parser(__doc__)
     p.add_argument(
         "--dry-run", action="store_true", help="print the config and command, run snakemake -n; train nothing"
     )
     p.add_argument("--allow-cpu", action="store_true", help="run even when no GPU is visible")
-    p.add_argument("--out", help="folder for the fresh copy (empty or new; default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the copy and its results")
     p.add_argument("--datasets", nargs="+", default=["ALL_IDB1", "ALL_IDB2", "combined"])
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one member per seed (default: paper config's)")
@@ -88,22 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-epochs", type=int, default=None, help="epochs per trial (default: paper config's)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--gpu-jobs", type=int, default=None, help="GPU jobs at once (default: number of GPUs, at least 1)")
-    p.add_argument("--timeout", type=float, default=None, help="stop Snakemake after this many seconds and summarise")
-    return p.parse_args(argv)
+    add_run_options(p)
+    return parse(p, argv, {"allow_cpu": True, "trials": 0})
 
 
-def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base`` key by key, mappings recursively (Snakemake's --configfile rule)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def paper_config(args: argparse.Namespace) -> dict[str, Any]:
+def paper_config(args) -> dict[str, Any]:
     """config.yaml + config.paper.yaml, on the demo archives at official sizes, with the slice
-    the options ask for. Backbones left out are dropped (a merge alone would keep config.yaml's)."""
-    config = merged(yaml.safe_load((REPO / "config.yaml").read_text()), yaml.safe_load(PAPER_CONFIG.read_text()))
+    the options ask for (at smoke size with --smoke). Backbones left out are dropped (a merge
+    alone would keep config.yaml's)."""
+    config = merged(repo_config(), repo_config(PAPER_CONFIG.name))
     config["datasets"] = list(args.datasets)
     config["data"]["archives"] = {"ALL_IDB1": None, "ALL_IDB2": None}
     config["demo"].update(idb1_width=2592, idb1_height=1944, idb2_size=257)
@@ -123,7 +128,7 @@ def paper_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.tune_epochs is not None:
         config["tune"]["epochs"] = args.tune_epochs
         config["tune"]["n_warmup_steps"] = min(config["tune"]["n_warmup_steps"], args.tune_epochs)
-    return config
+    return smoke_config(config) if args.smoke else config
 
 
 # Per Keras backend: a one-liner printing how many GPUs the framework itself sees.
@@ -159,59 +164,59 @@ def visible_gpus() -> tuple[list[str], str]:
     return names, ""
 
 
+def dry_run(config: dict[str, Any], cmd: list[str]) -> int:
+    """``snakemake -n`` with the config in a temp copy: job counts per rule; nothing is trained."""
+    with tempfile.TemporaryDirectory(prefix="allfuse_paper_dry_") as tmp:
+        workdir = copy_repo(Path(tmp) / "repo")
+        write_config(workdir, config)
+        seconds, out = timed_run([SNAKEMAKE, "-n", *cmd], workdir, snakemake_env(workdir), timeout=600)
+    if out.returncode != 0:
+        print(out.stdout[-3000:] + out.stderr[-3000:])
+        raise SystemExit("snakemake -n failed with this config (see above)")
+    counts = job_counts(out.stdout + "\n" + out.stderr)
+    print(f"snakemake -n: {sum(counts.values())} jobs ({fmt(seconds, 1)} s)\n")
+    print(markdown_table(("rule", "jobs"), counts.items()))
+    print("\nDry run only: nothing was trained.")
+    return 0
+
+
+def print_devices(workdir: Path, smoke: bool) -> None:
+    """Which device each member ran on (the ``device`` of its run.json)."""
+    records = sorted((workdir / "results" / "members").glob("*/*/seed*/run.json"))
+    rows = [("/".join(p.parent.relative_to(workdir / "results" / "members").parts), json.loads(p.read_text())["device"])
+            for p in records]  # fmt: skip
+    print(f"\n### Devices\n\n{markdown_table(('member', 'device'), rows)}\n")
+    if rows and all(device == "cpu" for _, device in rows):
+        print(f"Every member ran on the CPU{' (smoke run: tiny sizes, nothing like paper scale)' if smoke else ''}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not PAPER_CONFIG.is_file():
         raise SystemExit(f"{PAPER_CONFIG} is missing: this profile runs the paper-scale settings it holds")
     config = paper_config(args)
-    print_machine("bench_paper_gpu: the DAG at paper scale")
+    print_machine("bench_paper_gpu: the DAG at paper scale", args.smoke)
     gpus, why = visible_gpus() if not args.dry_run else (gpu_names(), "")
-    gpu_jobs = args.gpu_jobs or max(1, len(gpus))
-    cmd = ["--cores", str(args.cores), "--resources", f"gpu={gpu_jobs}"]
-    text = yaml.safe_dump(config, sort_keys=False)
-    print(f"### config.yaml of the run\n\n```yaml\n{text}```\n")
+    cmd = ["--cores", str(args.cores), "--resources", f"gpu={args.gpu_jobs or max(1, len(gpus))}"]
+    print(f"### config.yaml of the run\n\n```yaml\n{yaml.safe_dump(config, sort_keys=False)}```\n")
     print(f"Command, in a fresh copy of the repository: snakemake {shlex.join(cmd)}\n", flush=True)
-
     if args.dry_run:
-        with tempfile.TemporaryDirectory(prefix="allfuse_paper_dry_") as tmp:
-            workdir = copy_repo(Path(tmp) / "repo")
-            (workdir / "config.yaml").write_text(text)
-            seconds, out = timed_run([SNAKEMAKE, "-n", *cmd], workdir, snakemake_env(workdir), timeout=600)
-        if out.returncode != 0:
-            print(out.stdout[-3000:] + out.stderr[-3000:])
-            raise SystemExit("snakemake -n failed with this config (see above)")
-        counts = job_counts(out.stdout + "\n" + out.stderr)
-        print(f"snakemake -n: {sum(counts.values())} jobs ({fmt(seconds, 1)} s)")
-        for rule, n in counts.items():
-            print(f"  {rule}: {n}")
-        print("\nDry run only: nothing was trained.")
-        return 0
-
+        return dry_run(config, cmd)
     if not gpus and not args.allow_cpu:
         print(
-            f"bench_paper_gpu: no GPU visible: {why}. This profile is meant for a GPU machine (on a CPU it takes days); "
+            f"bench_paper_gpu: no GPU visible: {why}. This profile is meant for a GPU machine (on a CPU it takes "
+            "days); "
             "use --dry-run to see what it would run, or --allow-cpu to run it anyway.",
             file=sys.stderr,
         )
         return 2
-    workdir = Path(args.out).resolve() if args.out else Path(tempfile.mkdtemp(prefix="allfuse_paper_"))
-    copy_repo(workdir)
-    (workdir / "config.yaml").write_text(text)
-    output = workdir / "bench_paper_gpu.snakemake.out"
-    print(f"running in {workdir} on {', '.join(gpus) or 'the CPU (--allow-cpu)'} (output: {output}) ...", flush=True)
-    wall, code, timed_out = run_workflow(workdir, cmd, output, timeout=args.timeout)
-    print(
-        f"snakemake finished in {fmt(wall, 0)} s ({'stopped at the timeout' if timed_out else f'exit status {code}'})"
-    )
-    if code != 0 and not timed_out:
-        print(output.read_text()[-3000:])
-    print_run_summary(workdir, wall, finished=code == 0)
-    if args.keep or code != 0 or timed_out:
-        print(f"\nThe run is kept in {workdir}.")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if code == 0 or timed_out else 1
+    print(f"on {', '.join(gpus) or 'the CPU (no GPU visible)'}", flush=True)
+    run = run_in_copy(args, cmd, config, "paper")
+    print_devices(run.workdir, args.smoke)
+    print_run_summary(run.workdir, run.wall_s, finished=run.clean)
+    finish_copy(run, args.keep)
+    return 0 if run.clean or run.timed_out else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

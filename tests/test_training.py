@@ -352,8 +352,8 @@ def test_image_batches_are_augmented_reproducibly_and_weighted():
     labels = np.array([0] * 7 + [1] * 3)
     rows = np.arange(10)
     weights = training.class_weights(labels)
-    first = training._image_dataset(images, labels, rows, 12, 4, seed=3, weights=weights)
-    second = training._image_dataset(images, labels, rows, 12, 4, seed=3, weights=weights)
+    first = training.training_batches(images, labels, rows, 12, 4, seed=3, weights=weights)
+    second = training.training_batches(images, labels, rows, 12, 4, seed=3, weights=weights)
     assert len(first) == 3
     batches = [first[i] for i in range(len(first))]
     for (x, y, w), (x2, _, _) in zip(batches, (second[i] for i in range(3)), strict=True):
