@@ -35,6 +35,7 @@ include: "rules/features.smk"
 include: "rules/tracking.smk"
 include: "rules/tune.smk"
 include: "rules/train.smk"
+include: "rules/baseline.smk"
 include: "rules/evaluate.smk"
 
 

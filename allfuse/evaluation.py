@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 
 from allfuse import tags as T
+from allfuse import comparisons
 from allfuse.errors import DataError
 from allfuse.files import PathLike, write_csv, write_json, write_text
-from allfuse.fusion import PAPER_RULE, RULES, fuse, fuse_members, validation_weights
+from allfuse.fusion import ALL_RULES, PAPER_RULE, RULES, fuse, fuse_members, fuse_stacked, validation_weights
 from allfuse.metrics import DEFAULT_REFERRAL_FRACTIONS, apply_referral, referral_curve, referral_threshold, score
+from allfuse.baseline import BaselineResult
 from allfuse.predictions import (
     FUSION_COLUMNS,
     UNCERTAINTY_COLUMNS,
@@ -46,6 +48,7 @@ from allfuse.predictions import (
     MemberResult,
     Predictions,
     check_aligned,
+    collapsed_subsets,
     prediction_rows,
     write_predictions,
 )
@@ -56,14 +59,16 @@ from allfuse.reports import (
     metrics_markdown,
     paper_comparison_markdown,
 )
-from allfuse.settings import EvaluationSettings
-from allfuse.stages import SplitFacts, StageContext, StageRun, open_run, stage_run
+from allfuse.settings import EvaluationSettings, FusionSettings
+from allfuse.stages import SplitFacts, StageContext, StageRun, open_run, run_name, stage_run
 from allfuse.uncertainty import decompose, predict_labels
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("member", "ensemble", "fusion")
+LEVELS = ("member", "baseline", "ensemble", "fusion")
 FUSION_MODEL = "fusion"
+#: The ``fold`` of a pooled row: every fold's test predictions together (out-of-fold).
+POOLED = "pooled"
 #: Fusion weights come from each model's validation accuracy (see allfuse.fusion.validation_weights).
 WEIGHT_METRIC = "accuracy"
 REFERRAL_UNCERTAINTIES = ("predictive_entropy", "mutual_information")
@@ -98,12 +103,15 @@ def fuse_ensembles(
     ensembles: Mapping[str, Predictions],
     members: Mapping[str, Sequence[Predictions]],
     weight_metric: str = WEIGHT_METRIC,
+    stacking: FusionSettings | None = None,
 ) -> tuple[dict[str, Predictions], dict[str, Any]]:
     """Every fusion rule over the backbones' ensemble probabilities; weights from validation.
 
     ``ensembles`` maps backbone to its ensemble predictions, ``members`` to its members'. Returns
-    ``{rule: Predictions}`` in :data:`allfuse.fusion.RULES` order and the weighting record
-    (metric, per-model weights and validation accuracies). The uncertainty columns of every rule
+    ``{rule: Predictions}`` in :data:`allfuse.fusion.ALL_RULES` order (the learned ``stacked``
+    rule only with ``stacking`` settings: fitted on validation labels alone, its validation rows
+    out-of-fold) and the weighting record (metric, per-model weights and validation accuracies,
+    and the stacked model's coefficients). The uncertainty columns of every rule
     are those of all members of all backbones pooled into one ensemble
     (:func:`allfuse.fusion.fuse_members`), so they are the same for every rule.
     """
@@ -124,17 +132,13 @@ def fuse_ensembles(
     extra = {name: pooled[name] for name in UNCERTAINTY_COLUMNS}
     n_total = sum(len(members[b]) for b in names)
     model_probs = {b: ensembles[b].probs for b in names}
-    fused = {}
-    for rule in RULES:
-        probs = fuse(model_probs, rule, weights=weights if rule == "weighted_sum" else None)
-        fused[rule] = Predictions(
-            image_id=ref.image_id,
-            split=ref.split,
-            label=ref.label,
-            probs=probs,
-            extra=extra,
-            n_members=n_total,
-        )
+    probs_of = {rule: fuse(model_probs, rule, weights=weights if rule == "weighted_sum" else None) for rule in RULES}
+    stacked = None
+    if stacking is not None:  # the labels of validation rows only
+        probs_of["stacked"], stacked = fuse_stacked(model_probs, val, ref.label[val], c=stacking.stacked_c,
+                                                    cv_folds=stacking.stacked_cv_folds, seed=stacking.stacked_seed)  # fmt: skip
+    fused = {rule: Predictions(image_id=ref.image_id, split=ref.split, label=ref.label, probs=probs, extra=extra,
+                               n_members=n_total) for rule, probs in probs_of.items()}  # fmt: skip
     record = {
         "metric": weight_metric,
         "split": "val",
@@ -146,6 +150,7 @@ def fuse_ensembles(
             if weight_metric == "accuracy"
             else "w_k proportional to 1 / max(val_nll_k, 0.001), normalised to sum 1"
         ),
+        **({"stacked": stacked.as_dict()} if stacked is not None else {}),
     }
     return fused, record
 
@@ -169,18 +174,24 @@ def metrics_rows(
     fusion: FusionResult,
     evaluation: EvaluationSettings,
     synthetic: bool,
+    baselines: Sequence[BaselineResult] = (),
 ) -> list[dict[str, Any]]:
     """Metric rows of one dataset, keys as :data:`allfuse.reports.METRICS_TABLE_COLUMNS`."""
     rows = []
 
     def add(model: str, level: str, seed: int | None, rule: str | None, pred: Predictions, run_id: str) -> None:
         rows.append(
-            {"dataset": fusion.dataset, "model": model, "level": level, "seed": seed, "rule": rule,
-             **score_test_split(pred, evaluation), "mlflow_run_id": run_id or "", "synthetic": int(bool(synthetic))}
+            {"dataset": fusion.dataset, "model": model, "level": level, "seed": seed, "rule": rule, "fold": fusion.fold,
+             **score_test_split(pred, evaluation), "collapsed": ",".join(collapsed_subsets(pred.split, pred.probs)),
+             "mlflow_run_id": run_id or "", "synthetic": int(bool(synthetic))}
         )  # fmt: skip
 
+    averaged = {e.backbone: e.seeds for e in ensembles}
     for m in members:
         add(m.backbone, "member", m.seed, None, m.predictions, m.run_id)
+        rows[-1]["in_ensemble"] = int(m.seed in averaged.get(m.backbone, (m.seed,)) or not averaged.get(m.backbone))
+    for b in baselines:
+        add(b.model, "baseline", None, None, b.predictions, b.run_id)
     for e in ensembles:
         add(e.backbone, "ensemble", None, None, e.predictions, e.run_id)
     for rule, pred in fusion.rules.items():
@@ -189,16 +200,19 @@ def metrics_rows(
 
 
 def sort_metric_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows sorted by dataset, level (member, ensemble, fusion), model, seed, rule (RULES order)."""
+    """Rows sorted by dataset, level (member, ensemble, fusion), model, seed, rule (RULES order),
+    then fold (pooled last)."""
 
     def key(row: Mapping[str, Any]) -> tuple:
         rule = row.get("rule") or ""
+        fold = row.get("fold")
         return (
             row["dataset"],
             LEVELS.index(row["level"]),
             row["model"],
             -1 if row.get("seed") in (None, "") else int(row["seed"]),
-            RULES.index(rule) if rule in RULES else -1,
+            ALL_RULES.index(rule) if rule in ALL_RULES else -1,
+            math.inf if fold == POOLED else int(fold or 0),
         )
 
     return [dict(r) for r in sorted(rows, key=key)]
@@ -281,7 +295,7 @@ def start_ensemble_run(context: StageContext, dataset: str, backbone: str, *, se
     from other processes through the id in ``out``); :func:`aggregate_ensemble` closes it."""
     facts = SplitFacts.read(split)
     tags = {T.BACKBONE: backbone, T.FOLD: fold, T.SEEDS: list(seeds)}
-    stage = open_run(context, "ensemble", f"ensemble-{dataset}-{backbone}", dataset=dataset,
+    stage = open_run(context, "ensemble", run_name("ensemble", dataset, fold, backbone), dataset=dataset,
                      synthetic=facts.synthetic, inputs=inputs, tags=tags)  # fmt: skip
     store = context.store
     parent = {"run_id": stage.run.run_id, "experiment": store.experiment if store else None,
@@ -292,7 +306,7 @@ def start_ensemble_run(context: StageContext, dataset: str, backbone: str, *, se
 
 def aggregate_ensemble(members: Sequence[MemberResult], *, parent_run_id: str | None, context: StageContext,
                        evaluation: EvaluationSettings, synthetic: bool, out_predictions: PathLike,
-                       out_run: PathLike) -> dict[str, Any]:  # fmt: skip
+                       out_run: PathLike, drop_collapsed: bool = False) -> dict[str, Any]:  # fmt: skip
     """Average one backbone's members (in seed order) into its deep ensemble and finish its parent run.
 
     Checks every member covers the same images with the same labels and splits; writes
@@ -302,12 +316,13 @@ def aggregate_ensemble(members: Sequence[MemberResult], *, parent_run_id: str | 
     first = members[0] if members else None
     dataset = context.wildcards.get("dataset") or (first.dataset if first else "")
     backbone = context.wildcards.get("backbone") or (first.backbone if first else "")
-    _one(members, f"ensemble {dataset}/{backbone}", dataset=dataset, backbone=backbone)
+    fold = int(context.wildcards.get("fold") or (first.fold if first else 0))
+    _one(members, f"ensemble {dataset}/{backbone}", dataset=dataset, backbone=backbone, fold=fold)
     _unique([m.seed for m in members], f"ensemble {dataset}/{backbone}: seeds")
-    members = sorted(members, key=lambda m: m.seed)
-    inputs = {f"member.seed{m.seed}": m.path for m in members}
-    tags = {T.BACKBONE: backbone, T.FOLD: members[0].fold, T.SEEDS: [m.seed for m in members]}
-    with stage_run(context, "ensemble", f"ensemble-{dataset}-{backbone}", dataset=dataset, synthetic=synthetic,
+    inputs = {f"member.seed{m.seed}": m.path for m in sorted(members, key=lambda m: m.seed)}
+    members, dropped = _kept_members(members, drop_collapsed, f"ensemble {dataset}/fold{fold}/{backbone}")
+    tags = {T.BACKBONE: backbone, T.FOLD: fold, T.SEEDS: [m.seed for m in members]}
+    with stage_run(context, "ensemble", run_name("ensemble", dataset, fold, backbone), dataset=dataset, synthetic=synthetic,
                    inputs=inputs, outputs=[out_predictions], record=out_run, tags=tags,
                    resume=parent_run_id) as stage:  # fmt: skip
         ensemble = ensemble_of([m.predictions for m in members])
@@ -315,11 +330,13 @@ def aggregate_ensemble(members: Sequence[MemberResult], *, parent_run_id: str | 
         metrics = score_test_split(ensemble, evaluation)
         run_ids = {str(m.seed): m.run_id for m in members}
         stage.run.log_metrics(metric_log(metrics, "ensemble_test_"))
-        stage.run.set_tags({T.N_MEMBERS: len(members), T.MEMBER_RUN_IDS: ",".join(run_ids.values())})
+        stage.run.set_tags({T.N_MEMBERS: len(members), T.MEMBER_RUN_IDS: ",".join(run_ids.values()),
+                            T.DROPPED: ",".join(map(str, dropped)) or "none"})  # fmt: skip
         stage.run.log_artifact(out_predictions, "ensemble")
         stage.record.update(
-            dataset=dataset, backbone=backbone, seeds=[m.seed for m in members], n_members=len(members),
-            member_run_ids=run_ids, test_accuracy=metrics["accuracy"], test_roc_auc=metrics["roc_auc"],
+            dataset=dataset, backbone=backbone, fold=fold, seeds=[m.seed for m in members], n_members=len(members),
+            member_run_ids=run_ids, dropped_seeds=dropped, test_accuracy=metrics["accuracy"],
+            test_roc_auc=metrics["roc_auc"],
             predictions=Path(out_predictions).name,
         )  # fmt: skip
     return {"run_id": stage.run.run_id, **stage.record}
@@ -330,8 +347,27 @@ def aggregate_ensemble(members: Sequence[MemberResult], *, parent_run_id: str | 
 # ---------------------------------------------------------------------------------------------
 
 
+def _kept_members(members: Sequence[MemberResult], drop_collapsed: bool,
+                  what: str) -> tuple[list[MemberResult], list[int]]:  # fmt: skip
+    """Members in seed order, without those collapsed on validation when ``drop_collapsed``; and
+    the seeds left out. At least one member must stay."""
+    members = sorted(members, key=lambda m: m.seed)
+    collapsed = [m.seed for m in members if "val" in collapsed_subsets(m.predictions.split, m.predictions.probs)]
+    if collapsed:
+        log.warning("%s: member seed(s) %s predict one class for every validation image%s", what, collapsed,
+                    "; left out (ensemble.drop_collapsed)" if drop_collapsed else "; kept (ensemble.drop_collapsed false)")  # fmt: skip
+    if not drop_collapsed or not collapsed:
+        return members, []
+    kept = [m for m in members if m.seed not in collapsed]
+    if not kept:
+        raise DataError(f"{what}: every member collapsed onto one class on validation; nothing is left to average. "
+                        "Set ensemble.drop_collapsed false, or change the training settings")  # fmt: skip
+    return kept, collapsed
+
+
 def fuse_predictions(ensembles: Sequence[EnsembleResult], members: Sequence[MemberResult], *,
                      split: PathLike, context: StageContext, evaluation: EvaluationSettings, fold: int,
+                     stacking: FusionSettings | None = None,
                      out_predictions: PathLike, out_weights: PathLike, out_run: PathLike) -> dict[str, Any]:  # fmt: skip
     """Fuse one dataset's ensembles by every rule; the fusion is its own MLflow run.
 
@@ -341,8 +377,8 @@ def fuse_predictions(ensembles: Sequence[EnsembleResult], members: Sequence[Memb
     (``{rule}_test_{metric}``), both files and tags naming the ensemble and member runs.
     """
     dataset = context.wildcards.get("dataset") or (ensembles[0].dataset if ensembles else "")
-    _one(ensembles, f"fusion of {dataset}", dataset=dataset)
-    _one(members, f"fusion of {dataset}", dataset=dataset)
+    _one(ensembles, f"fusion of {dataset}", dataset=dataset, fold=fold)
+    _one(members, f"fusion of {dataset}", dataset=dataset, fold=fold)
     _unique([e.backbone for e in ensembles], f"fusion of {dataset}: ensembles")
     _unique([(m.backbone, m.seed) for m in members], f"fusion of {dataset}: members")
     by_backbone = {e.backbone: e for e in ensembles}
@@ -356,17 +392,19 @@ def fuse_predictions(ensembles: Sequence[EnsembleResult], members: Sequence[Memb
     for b, e in by_backbone.items():
         tags |= {f"{T.ENSEMBLE_RUN}{b}": e.run_id, f"{T.MEMBER_RUNS}{b}": ",".join(m.run_id for m in member_sets[b])}
     inputs = {f"ensemble.{b}": e.path for b, e in by_backbone.items()} | {"split": split}
-    with stage_run(context, "fusion", f"fusion-{dataset}", dataset=dataset, synthetic=SplitFacts.read(split).synthetic,
+    with stage_run(context, "fusion", run_name("fusion", dataset, fold), dataset=dataset,
+                   synthetic=SplitFacts.read(split).synthetic,
                    inputs=inputs, outputs=[out_predictions, out_weights], record=out_run, tags=tags) as stage:  # fmt: skip
         fused, weights = fuse_ensembles({b: e.predictions for b, e in by_backbone.items()},
-                                        {b: [m.predictions for m in ms] for b, ms in member_sets.items()})  # fmt: skip
+                                        {b: [m.predictions for m in ms] for b, ms in member_sets.items()},
+                                        stacking=stacking)  # fmt: skip
         rows = [row for rule, pred in fused.items() for row in prediction_rows(pred, rule=rule)]
         write_csv(out_predictions, rows, FUSION_COLUMNS)
         write_json(out_weights, {"dataset": dataset, **weights})
         metrics = {rule: score_test_split(pred, evaluation) for rule, pred in fused.items()}
         _log_fusion(stage, fused, weights, metrics, (out_predictions, out_weights))
         stage.record.update(
-            dataset=dataset, backbones=list(by_backbone), rules=list(fused),
+            dataset=dataset, fold=fold, backbones=list(by_backbone), rules=list(fused),
             ensemble_run_ids={b: e.run_id for b, e in by_backbone.items()},
             member_run_ids={b: [m.run_id for m in ms] for b, ms in member_sets.items()},
             weights=weights["weights"], sum_test_accuracy=metrics[PAPER_RULE]["accuracy"],
@@ -379,6 +417,12 @@ def _log_fusion(stage: StageRun, fused: Mapping[str, Predictions], weights: Mapp
                 metrics: Mapping[str, Mapping[str, Any]], paths: Sequence[PathLike]) -> None:  # fmt: skip
     stage.run.log_params({"rules": list(fused), "weight_metric": weights["metric"]})
     stage.run.log_metrics({f"weight_{b}": w for b, w in weights["weights"].items()})
+    if "stacked" in weights:  # the learned rule's coefficients, one metric per model
+        stacked = weights["stacked"]
+        stage.run.log_params({"stacked_c": stacked["c"], "stacked_cv_folds": stacked["cv_folds"],
+                              "stacked_method": stacked["method"]})  # fmt: skip
+        stage.run.log_metrics({f"stacked_coef_{b}": v for b, v in stacked["coefficients"].items()}
+                              | {"stacked_intercept": stacked["intercept"]})  # fmt: skip
     for rule, m in metrics.items():
         stage.run.log_metrics(metric_log(m, f"{rule}_test_"))
     for path in paths:
@@ -392,18 +436,22 @@ def _log_fusion(stage: StageRun, fused: Mapping[str, Predictions], weights: Mapp
 
 @dataclass(frozen=True)
 class TableOutputs:
-    """The evaluate rule's files: metrics.csv, metrics.md, paper_comparison.md, referral.csv, run.json."""
+    """The evaluate rule's files: metrics.csv, metrics.md, paper_comparison.md, referral.csv,
+    comparisons.csv, comparisons.md and run.json."""
 
     metrics_csv: PathLike
     metrics_md: PathLike
     paper: PathLike
     referral: PathLike
+    comparisons_csv: PathLike
+    comparisons_md: PathLike
     run: PathLike
 
 
 def evaluate(members: Sequence[MemberResult], ensembles: Sequence[EnsembleResult], fusions: Sequence[FusionResult],
              splits: Mapping[str, SplitFacts], *, context: StageContext, evaluation: EvaluationSettings,
-             outputs: TableOutputs, plots: Sequence[PathLike] = ()) -> dict[str, Any]:  # fmt: skip
+             outputs: TableOutputs, plots: Sequence[PathLike] = (),
+             baselines: Sequence[BaselineResult] = ()) -> dict[str, Any]:  # fmt: skip
     """Metric tables, paper comparison and referral analysis over every dataset; one MLflow run.
 
     Writes ``metrics.csv`` (one row per dataset x model x level, fixed formatting: byte-identical on
@@ -412,53 +460,165 @@ def evaluate(members: Sequence[MemberResult], ensembles: Sequence[EnsembleResult
     the fusion, ensemble and member runs it summarises, and the tables and ``plots`` (PNG paths,
     filed under plots/<parent folder>) as artifacts.
     """
-    datasets = [f.dataset for f in fusions]
-    rows, referral, links = _tables(members, ensembles, fusions, splits, evaluation)
+    datasets = list(dict.fromkeys(f.dataset for f in fusions))
+    rows, referral, links = _tables(members, ensembles, fusions, splits, evaluation, baselines)
+    paired = comparison_rows(ensembles, fusions, splits, evaluation, baselines)
     synthetic = any(splits[d].synthetic for d in datasets)
-    paths = (outputs.metrics_csv, outputs.metrics_md, outputs.paper, outputs.referral)
-    inputs = {f"fusion.{f.dataset}": f.path for f in fusions}
+    paths = (outputs.metrics_csv, outputs.metrics_md, outputs.paper, outputs.referral, outputs.comparisons_csv,
+             outputs.comparisons_md)  # fmt: skip
+    inputs = {f"fusion.{f.dataset}.fold{f.fold}": f.path for f in fusions}
     with stage_run(context, "evaluation", "evaluate", dataset=",".join(datasets), synthetic=synthetic,
                    inputs=inputs, outputs=paths, record=outputs.run, tags=links) as stage:  # fmt: skip
+        for r in rows:
+            if r["fold"] == POOLED:
+                r["mlflow_run_id"] = stage.run.run_id or ""
+        summary = summary_rows(rows)
         write_csv(outputs.metrics_csv, format_rows(rows, METRICS_TABLE_COLUMNS), METRICS_TABLE_COLUMNS)
         write_csv(outputs.referral, format_rows(referral, REFERRAL_COLUMNS), REFERRAL_COLUMNS)
-        write_text(outputs.metrics_md, metrics_markdown(rows, referral, evaluation))
-        write_text(outputs.paper, paper_comparison_markdown(rows, evaluation, {d: splits[d].protocol for d in datasets}))
-        headline = {r["dataset"]: r for r in rows if r["level"] == "fusion" and r["rule"] == PAPER_RULE}
+        write_text(outputs.metrics_md, metrics_markdown(summary, referral, evaluation))
+        write_text(outputs.paper, paper_comparison_markdown(summary, evaluation, {d: splits[d].protocol for d in datasets},
+                                                            comparisons.fusion_verdict_lines(paired)))  # fmt: skip
+        write_csv(outputs.comparisons_csv, format_rows(paired, comparisons.TABLE_COLUMNS), comparisons.TABLE_COLUMNS)
+        write_text(outputs.comparisons_md, "# Paired comparisons on the test images\n\n"
+                   + comparisons.comparisons_markdown(paired, evaluation.ci_level, by_dataset=True))  # fmt: skip
+        headline = {r["dataset"]: r for r in summary if r["level"] == "fusion" and r["rule"] == PAPER_RULE}
         for dataset, r in headline.items():
             stage.run.log_metrics(metric_log(r, f"{dataset}_{PAPER_RULE}_"))
         for path in paths:
             stage.run.log_artifact(path, "tables")
         for path in plots:
-            stage.run.log_artifact(path, f"plots/{Path(path).parent.name}")
+            stage.run.log_artifact(path, _plot_folder(path))
         stage.record.update(
-            datasets=datasets, n_rows=len(rows), fusion_run_ids={f.dataset: f.run_id for f in fusions},
+            datasets=datasets, n_rows=len(rows), fusion_run_ids={f"{f.dataset}/fold{f.fold}": f.run_id for f in fusions},
             sum_test_accuracy={d: r["accuracy"] for d, r in headline.items()},
         )  # fmt: skip
     return {"run_id": stage.run.run_id, **stage.record}
 
 
+def comparison_rows(ensembles: Sequence[EnsembleResult], fusions: Sequence[FusionResult],
+                    splits: Mapping[str, SplitFacts], evaluation: EvaluationSettings,
+                    baselines: Sequence[BaselineResult] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """Paired comparisons (allfuse.comparisons) of every dataset, per fold and pooled."""
+    rows = []
+    for d in dict.fromkeys(f.dataset for f in fusions):
+        folds = {f.fold: {e.backbone: e.predictions for e in ensembles if (e.dataset, e.fold) == (d, f.fold)}
+                 | {comparisons.FUSION_NAME: f.rules[PAPER_RULE]}
+                 | {comparisons.BASELINE_NAME: b.predictions for b in baselines if (b.dataset, b.fold) == (d, f.fold)}
+                 for f in fusions if f.dataset == d}  # fmt: skip
+        backbones = sorted({e.backbone for e in ensembles if e.dataset == d})
+        rows += comparisons.dataset_comparisons(d, folds, backbones, evaluation, splits[d].synthetic)
+    return rows
+
+
+def _plot_folder(path: PathLike) -> str:
+    """The artifact folder of a figure: its folders below ``plots/`` (e.g. plots/ALL_IDB2/fold0)."""
+    parts = Path(path).parts
+    if "plots" in parts[:-1]:
+        at = len(parts) - 1 - parts[::-1].index("plots")
+        return "/".join(parts[at:-1]) if at < len(parts) - 2 else "plots"
+    return f"plots/{Path(path).parent.name}"
+
+
 def _tables(members: Sequence[MemberResult], ensembles: Sequence[EnsembleResult], fusions: Sequence[FusionResult],
-            splits: Mapping[str, SplitFacts], evaluation: EvaluationSettings) -> tuple[list, list, dict[str, str]]:  # fmt: skip
-    """Metric rows, referral rows and the run links of the evaluation run's tags, per dataset."""
+            splits: Mapping[str, SplitFacts], evaluation: EvaluationSettings,
+            baselines: Sequence[BaselineResult] = ()) -> tuple[list, list, dict[str, str]]:  # fmt: skip
+    """Metric rows (per fold, and pooled over folds where there are several), referral rows (per
+    fold) and the run links of the evaluation run's tags, per dataset."""
     rows: list[dict[str, Any]] = []
     referral: list[dict[str, Any]] = []
     links: dict[str, str] = {}
-    target = evaluation.referral_target_accuracy
-    for fusion in fusions:
-        d = fusion.dataset
+    _unique([(f.dataset, f.fold) for f in fusions], "evaluation: fusions")
+    for d in dict.fromkeys(f.dataset for f in fusions):
         if d not in splits:
             raise DataError(f"evaluation: no split file for dataset {d}")
+        folds = sorted((f for f in fusions if f.dataset == d), key=lambda f: f.fold)
         mine = [m for m in members if m.dataset == d]
         theirs = [e for e in ensembles if e.dataset == d]
-        synthetic = splits[d].synthetic
-        rows += metrics_rows(mine, theirs, fusion, evaluation, synthetic)
-        for e in theirs:
-            referral += referral_rows(d, e.backbone, "ensemble", None, e.predictions, target, synthetic)
-        referral += referral_rows(d, FUSION_MODEL, "fusion", PAPER_RULE, fusion.rules[PAPER_RULE], target, synthetic)
-        links[f"{T.FUSION_RUN}{d}"] = fusion.run_id
+        base = [b for b in baselines if b.dataset == d]
+        fold_rows = []
+        for fusion in folds:
+            fold_rows += metrics_rows([m for m in mine if m.fold == fusion.fold],
+                                      [e for e in theirs if e.fold == fusion.fold], fusion, evaluation,
+                                      splits[d].synthetic, [b for b in base if b.fold == fusion.fold])  # fmt: skip
+            referral += _fold_referral(d, [e for e in theirs if e.fold == fusion.fold], fusion, evaluation,
+                                       splits[d].synthetic)  # fmt: skip
+        rows += fold_rows + (pooled_rows(mine, theirs, folds, fold_rows, evaluation, base) if len(folds) > 1 else [])
+        if base:
+            links[f"{T.BASELINE_RUN}{d}"] = ",".join(b.run_id for b in base)
+        links[f"{T.FUSION_RUN}{d}"] = ",".join(f.run_id for f in folds)
         links[f"{T.ENSEMBLE_RUNS}{d}"] = ",".join(e.run_id for e in theirs)
         links[f"{T.MEMBER_RUNS}{d}"] = ",".join(m.run_id for m in mine)
     return sort_metric_rows(rows), referral, links
+
+
+def _fold_referral(dataset: str, ensembles: Sequence[EnsembleResult], fusion: FusionResult,
+                   evaluation: EvaluationSettings, synthetic: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Referral rows of one fold: each ensemble and the paper's fusion rule."""
+    target = evaluation.referral_target_accuracy
+    rows = [r for e in ensembles for r in referral_rows(dataset, e.backbone, "ensemble", None, e.predictions,
+                                                         target, synthetic)]  # fmt: skip
+    rows += referral_rows(dataset, FUSION_MODEL, "fusion", PAPER_RULE, fusion.rules[PAPER_RULE], target, synthetic)
+    return [{**r, "fold": fusion.fold} for r in rows]
+
+
+def _model_keys(members: Sequence[MemberResult], ensembles: Sequence[EnsembleResult], fusions: Sequence[FusionResult],
+                baselines: Sequence[BaselineResult]) -> dict[tuple, list[tuple[int, Predictions]]]:  # fmt: skip
+    """(model, level, seed, rule) -> [(fold, predictions)] over every fold of one dataset."""
+    found: dict[tuple, list[tuple[int, Predictions]]] = {}
+    for m in members:
+        found.setdefault((m.backbone, "member", m.seed, None), []).append((m.fold, m.predictions))
+    for b in baselines:
+        found.setdefault((b.model, "baseline", None, None), []).append((b.fold, b.predictions))
+    for e in ensembles:
+        found.setdefault((e.backbone, "ensemble", None, None), []).append((e.fold, e.predictions))
+    for f in fusions:
+        for rule, pred in f.rules.items():
+            found.setdefault((FUSION_MODEL, "fusion", None, rule), []).append((f.fold, pred))
+    return found
+
+
+def pooled_rows(members: Sequence[MemberResult], ensembles: Sequence[EnsembleResult], fusions: Sequence[FusionResult],
+                fold_rows: Sequence[Mapping[str, Any]], evaluation: EvaluationSettings,
+                baselines: Sequence[BaselineResult] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """One pooled row per (model, level, seed, rule) of one dataset over all its folds.
+
+    The test predictions of every fold are scored together (out-of-fold: each image once per
+    repeat, so the confusion matrix counts every image ``n_repeats`` times): accuracy with a Wilson
+    interval over all of them, ROC-AUC with a bootstrap interval resampling within folds; and the
+    per-fold accuracies' mean, standard deviation (ddof 1) and range. Its ``mlflow_run_id`` is
+    the evaluation run's (filled in by :func:`evaluate`): it summarises the fold runs.
+    """
+    n_folds = len(fusions)
+    out = []
+    for (model, level, seed, rule), parts in _model_keys(members, ensembles, fusions, baselines).items():
+        if len(parts) != n_folds:
+            raise DataError(f"evaluation: {model} {level} {seed or ''} has {len(parts)} of {n_folds} folds")
+        tests = [(fold, pred.subset("test")) for fold, pred in sorted(parts, key=lambda p: p[0])]
+        labels = np.concatenate([t.label for _, t in tests])
+        probs = np.concatenate([t.probs for _, t in tests])
+        strata = np.concatenate([np.full(len(t), fold) for fold, t in tests])
+        accs = [float(r["accuracy"]) for r in fold_rows
+                if (r["model"], r["level"], r["seed"], r["rule"]) == (model, level, seed, rule)]  # fmt: skip
+        first = fold_rows[0]
+        out.append({"dataset": first["dataset"], "model": model, "level": level, "seed": seed, "rule": rule,
+                    "fold": POOLED, **score(labels, probs, evaluation, strata), **fold_spread(accs),
+                    "mlflow_run_id": "", "synthetic": first["synthetic"]})  # fmt: skip
+    return out
+
+
+def fold_spread(accuracies: Sequence[float]) -> dict[str, Any]:
+    """``n_folds`` and the mean, sd (ddof 1; NaN for one fold), min and max of per-fold accuracies."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    return {"n_folds": int(a.size), "accuracy_fold_mean": float(a.mean()),
+            "accuracy_fold_sd": float(a.std(ddof=1)) if a.size > 1 else math.nan,
+            "accuracy_fold_min": float(a.min()), "accuracy_fold_max": float(a.max())}  # fmt: skip
+
+
+def summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows a reader looks at first: per dataset, the pooled rows where it has several folds,
+    else its one fold's rows."""
+    pooled = {r["dataset"] for r in rows if r.get("fold") == POOLED}
+    return [r for r in rows if (r.get("fold") == POOLED) == (r["dataset"] in pooled)]
 
 
 def load_dataset_models(ensembles: Sequence[EnsembleResult], fusion: FusionResult) -> dict[str, Predictions]:

@@ -25,10 +25,10 @@ from allfuse import tags as T
 from allfuse.errors import AllfuseError
 from allfuse.files import atomic_path, read_json, sha256_file, write_csv
 from allfuse.metrics import score
-from allfuse.predictions import PREDICTION_COLUMNS
+from allfuse.predictions import PREDICTION_COLUMNS, collapsed_subsets
 from allfuse.session import ComputeSession, Runtime, compute_session
 from allfuse.settings import TUNABLE, EvaluationSettings, HybridSettings
-from allfuse.stages import SplitFacts, StageContext, StageRun, read_record, stage_run
+from allfuse.stages import SplitFacts, StageContext, StageRun, read_record, run_name, stage_run
 from allfuse.training_data import TrainingData, load_training_data
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def train_member(job: MemberJob) -> dict[str, Any]:
     with compute_session(job.runtime) as session:
         tags = {T.BACKBONE: job.backbone, T.SEED: job.seed, T.FOLD: job.fold, T.DEVICE: session.device,
                 T.TF_THREADS: session.tf_threads or "default", T.TUNED: ",".join(sorted(tuned)) or "none"}  # fmt: skip
-        name = f"member-{job.dataset}-{job.backbone}-seed{job.seed}"
+        name = run_name("member", job.dataset, job.fold, job.backbone, f"seed{job.seed}")
         with stage_run(job.context, "member", name, dataset=job.dataset, synthetic=facts.synthetic, inputs=inputs,
                        outputs=[o.model, o.predictions, o.history], record=o.run, tags=tags,
                        parent_run_id=parent.get("run_id")) as stage:  # fmt: skip
@@ -169,6 +169,12 @@ def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session:
     history_cols = sorted({k for h in result.history for k in h}, key=lambda k: (k != "epoch", k))
     write_csv(o.history, result.history, history_cols)
 
+    collapsed = collapsed_subsets(np.array([r["split"] for r in rows]),
+                                  np.array([[r["p_healthy"], r["p_all"]] for r in rows]))  # fmt: skip
+    if collapsed:
+        log.warning("member %s/%s seed %d predicts one class for every %s image: it has collapsed",
+                    job.dataset, job.backbone, job.seed, " and every ".join(collapsed))  # fmt: skip
+    stage.run.set_tags({T.COLLAPSED: ",".join(collapsed) or "none"})
     stage.run.log_metrics(summary_metrics(rows, job.evaluation) | {"train_seconds": seconds,
                                                                    "best_epoch": float(result.best_epoch)})  # fmt: skip
     for path in (o.predictions, o.history, o.model):
@@ -177,5 +183,5 @@ def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session:
         dataset=job.dataset, backbone=job.backbone, seed=job.seed, fold=job.fold, device=session.device,
         mode=settings.mode, deterministic=session.deterministic, best_epoch=result.best_epoch,
         train_seconds=round(seconds, 3), tf_threads=session.tf_threads, hyperparameters=settings.as_params(),
-        predictions=Path(o.predictions).name,
+        predictions=Path(o.predictions).name, collapsed=collapsed,
     )  # fmt: skip

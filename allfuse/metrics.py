@@ -184,13 +184,16 @@ def bootstrap_ci(
     n_boot: int,
     seed: int,
     level: float,
+    strata: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Stratified percentile bootstrap interval of ``fn(labels, scores)``.
 
     Each resample draws, with replacement, as many ALL images from the ALL images and as many
     healthy images from the healthy ones as the data hold, so every resample keeps the test
     set's class balance (it was split stratified) and has both classes. ``scores`` may be (N,)
-    or (N, 2); rows are resampled together with the labels. Resamples where ``fn`` returns NaN
+    or (N, 2); rows are resampled together with the labels. ``strata`` (N,), e.g. the fold of each
+    pooled out-of-fold prediction, resamples within each stratum and class (every resample keeps
+    each fold's size and balance); None is one stratum. Resamples where ``fn`` returns NaN
     are skipped. Returns the (1 - level)/2 and (1 + level)/2 quantiles (linear interpolation)
     of the kept values; (nan, nan) when the labels hold one class or no resample gives a value.
     Deterministic for a given seed (NumPy's default generator).
@@ -202,19 +205,13 @@ def bootstrap_ci(
     s = np.asarray(scores)
     if s.shape[:1] != y.shape:
         raise DataError(f"scores have {s.shape[:1]} rows but there are {y.shape[0]} labels")
-    pos = np.flatnonzero(y == 1)
-    neg = np.flatnonzero(y == 0)
-    if pos.size == 0 or neg.size == 0:
+    if np.all(y == 1) or np.all(y == 0):
         return (math.nan, math.nan)
+    cells = _resampling_cells(y, strata)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(int(n_boot)):
-        idx = np.concatenate(
-            [
-                rng.choice(pos, size=pos.size, replace=True),
-                rng.choice(neg, size=neg.size, replace=True),
-            ]
-        )
+        idx = np.concatenate([rng.choice(cell, size=cell.size, replace=True) for cell in cells])
         value = float(fn(y[idx], s[idx]))
         if not math.isnan(value):
             values.append(value)
@@ -223,6 +220,18 @@ def bootstrap_ci(
     alpha = 1.0 - level
     low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
     return (float(low), float(high))
+
+
+def _resampling_cells(y: np.ndarray, strata: np.ndarray | None) -> list[np.ndarray]:
+    """Row positions of each (stratum, class) cell that holds any: per stratum in sorted order,
+    ALL then healthy (with one stratum, the same draws as a plain class-stratified bootstrap)."""
+    if strata is None:
+        strata = np.zeros(y.shape, dtype=np.int64)
+    strata = np.asarray(strata)
+    if strata.shape != y.shape:
+        raise DataError(f"strata have {strata.shape} entries but there are {y.shape[0]} labels")
+    cells = [np.flatnonzero((strata == g) & (y == c)) for g in np.unique(strata) for c in (1, 0)]
+    return [cell for cell in cells if cell.size]
 
 
 def brier(labels: np.ndarray, p_all: np.ndarray) -> float:
@@ -300,19 +309,21 @@ def evaluate_probs(
     seed: int,
     level: float,
     ece_bins: int,
+    strata: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All metrics of one prediction set, keyed as :data:`METRIC_COLUMNS`.
 
     ``labels`` int (N,), ``probs`` float (N, 2). Accuracy has a Wilson interval at ``level``;
     ROC-AUC (on p_all) has a stratified percentile bootstrap interval (``n_boot`` resamples,
-    ``seed``). Counts are ints, everything else floats (NaN where undefined).
+    ``seed``; within ``strata`` when given, see :func:`bootstrap_ci`). Counts are ints, everything
+    else floats (NaN where undefined).
     """
     p = as_probs(probs)
     y = as_labels(labels, n=p.shape[0])
     cm = confusion(y, predict_labels(p))
     rates = accuracy_metrics_from_confusion(cm)
     acc_low, acc_high = wilson_interval(cm["tp"] + cm["tn"], int(y.size), level)
-    auc_low, auc_high = bootstrap_ci(roc_auc, y, p[:, 1], n_boot, seed, level)
+    auc_low, auc_high = bootstrap_ci(roc_auc, y, p[:, 1], n_boot, seed, level, strata)
     row: dict[str, Any] = {
         "n_test": int(y.size),
         "accuracy_ci_low": acc_low,
@@ -332,11 +343,12 @@ def evaluate_probs(
 # ---------------------------------------------------------------- referral to an expert
 
 
-def score(labels: np.ndarray, probs: np.ndarray, settings: EvaluationSettings) -> dict[str, Any]:
+def score(labels: np.ndarray, probs: np.ndarray, settings: EvaluationSettings,
+          strata: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """:func:`evaluate_probs` with the workflow's ``evaluation`` settings: every table row and
-    every run's summary metrics are computed by this one call."""
+    every run's summary metrics are computed by this one call (``strata``: see bootstrap_ci)."""
     return evaluate_probs(labels, probs, n_boot=settings.n_bootstrap, seed=settings.seed,
-                          level=settings.ci_level, ece_bins=settings.ece_bins)  # fmt: skip
+                          level=settings.ci_level, ece_bins=settings.ece_bins, strata=strata)  # fmt: skip
 
 
 def _referral_inputs(

@@ -17,6 +17,7 @@ import numpy as np
 from allfuse.errors import ConfigError, DataError
 from allfuse.evaluation import load_dataset_models
 from allfuse.files import PathLike, atomic_path
+from allfuse.fusion import PAPER_RULE
 from allfuse.predictions import EnsembleResult, FusionResult, Predictions
 from allfuse.stages import SplitFacts
 from allfuse.metrics import DEFAULT_REFERRAL_FRACTIONS, confusion, ece, referral_curve, reliability, roc_auc
@@ -26,6 +27,7 @@ __all__ = [
     "PLOT_KINDS",
     "plot_confusion",
     "plot_dataset",
+    "plot_fold_accuracy",
     "plot_referral",
     "plot_reliability",
     "plot_roc",
@@ -201,10 +203,11 @@ def plot_dataset(
         raise ConfigError(
             f"plot outputs must name exactly {', '.join(PLOT_KINDS)}; missing {missing}, unknown {unknown}"
         )
-    wrong = [e.backbone for e in ensembles if e.dataset != fusion.dataset]
+    wrong = [e.backbone for e in ensembles if (e.dataset, e.fold) != (fusion.dataset, fusion.fold)]
     if wrong:
-        raise DataError(f"plots of {fusion.dataset}: ensembles of another dataset ({', '.join(wrong)})")
-    dataset = fusion.dataset
+        raise DataError(f"plots of {fusion.dataset} fold {fusion.fold}: ensembles of another dataset or fold "
+                        f"({', '.join(wrong)})")  # fmt: skip
+    dataset = fusion.dataset + (f" fold {fusion.fold}" if split.protocol == "kfold" else "")
     models = load_dataset_models(ensembles, fusion)
     tag = " (synthetic demo data)" if split.synthetic else ""
     makers: dict[str, Callable[[], None]] = {
@@ -223,3 +226,32 @@ def plot_dataset(
     for kind in PLOT_KINDS:
         makers[kind]()
     return [str(outputs[k]) for k in PLOT_KINDS]
+
+
+def plot_fold_accuracy(rows: Sequence[Mapping[str, Any]], path: PathLike, ci_level: float) -> str:
+    """One panel per dataset: each ensemble's and the sum-rule fusion's test accuracy in every fold
+    (dots) and over all folds (a bar with its Wilson interval, from the pooled row where there are
+    several folds, else the one fold's row). ``rows`` are metric rows (allfuse.evaluation)."""
+    shown = [r for r in rows if r["level"] == "ensemble" or (r["level"] == "fusion" and r["rule"] == PAPER_RULE)]
+    datasets = list(dict.fromkeys(r["dataset"] for r in shown))
+    if not datasets:
+        raise DataError("fold accuracy plot: no ensemble or sum-rule fusion rows")
+    fig, axes = _figure(len(datasets), f"Test accuracy per fold ({100 * ci_level:g} % CI over all folds)")
+    for ax, dataset in zip(axes, datasets, strict=True):
+        mine = [r for r in shown if r["dataset"] == dataset]
+        models = list(dict.fromkeys(r["model"] for r in mine))
+        for x, model in enumerate(models):
+            folds = [r for r in mine if r["model"] == model and r["fold"] != "pooled"]
+            overall = [r for r in mine if r["model"] == model and r["fold"] == "pooled"] or folds[:1]
+            o = overall[0]
+            acc = float(o["accuracy"])
+            err = [[acc - float(o["accuracy_ci_low"])], [float(o["accuracy_ci_high"]) - acc]]
+            ax.bar(x, acc, color="0.85", yerr=err, capsize=4)
+            ax.plot([x] * len(folds), [float(r["accuracy"]) for r in folds], "o", color="C0", alpha=0.7)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        ax.set_ylim(0, 1.02)
+        ax.axhline(0.5, color="0.6", lw=0.8, ls=":")
+        ax.set_title(dataset)
+        ax.set_ylabel("test accuracy")
+    _save(fig, path)
+    return str(path)

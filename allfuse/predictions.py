@@ -23,9 +23,9 @@ import numpy as np
 
 from allfuse.errors import DataError
 from allfuse.files import PathLike, read_csv, write_csv
-from allfuse.fusion import PAPER_RULE, RULES
+from allfuse.fusion import ALL_RULES, PAPER_RULE
 from allfuse.stages import read_record
-from allfuse.uncertainty import SUM_TOLERANCE
+from allfuse.uncertainty import SUM_TOLERANCE, predict_labels
 
 SPLITS = ("val", "test")
 PREDICTION_COLUMNS = ("image_id", "split", "label", "p_healthy", "p_all")
@@ -80,6 +80,14 @@ class Predictions:
                 f"uncertainty columns are {', '.join(UNCERTAINTY_COLUMNS)} (ensemble and fusion files only)"
             )
         return self.extra[name]
+
+
+def collapsed_subsets(split: np.ndarray, probs: np.ndarray) -> list[str]:
+    """The subsets (``val``, ``test``, in that order) whose every image is predicted the same
+    class: a model that has collapsed onto one answer there."""
+    labels = predict_labels(np.asarray(probs, dtype=np.float64))
+    split = np.asarray(split)
+    return [s for s in ("val", "test") if (split == s).any() and np.unique(labels[split == s]).size == 1]
 
 
 def _canonical(pred: Predictions) -> Predictions:
@@ -178,19 +186,19 @@ def read_predictions(path: PathLike, uncertainty: bool = False) -> Predictions:
 
 
 def read_fusion(path: PathLike) -> dict[str, Predictions]:
-    """Read a fusion predictions.csv (long format) into ``{rule: Predictions}``, rules in RULES order."""
+    """Read a fusion predictions.csv (long format) into ``{rule: Predictions}``, rules in ALL_RULES order."""
     rows = _read_rows(path, FUSION_COLUMNS, "fuse_predictions")
     by_rule: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_rule.setdefault(row["rule"], []).append(row)
-    unknown = sorted(set(by_rule) - set(RULES))
+    unknown = sorted(set(by_rule) - set(ALL_RULES))
     if unknown:
-        raise DataError(f"{path}: unknown fusion rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}")
+        raise DataError(f"{path}: unknown fusion rule(s) {', '.join(unknown)}; known: {', '.join(ALL_RULES)}")
     if PAPER_RULE not in by_rule:
         raise DataError(f"{path}: no rows for the '{PAPER_RULE}' rule; regenerate it with rule fuse_predictions")
     return {
         rule: _parse_rows(by_rule[rule], f"{path} (rule {rule})", UNCERTAINTY_COLUMNS)
-        for rule in RULES
+        for rule in ALL_RULES
         if rule in by_rule
     }
 
@@ -291,16 +299,19 @@ class EnsembleResult:
     run_id: str
     predictions: Predictions
     path: str = ""  # the predictions file
+    fold: int = 0
+    seeds: tuple[int, ...] = ()  # the members it averages
 
 
 @dataclass(frozen=True)
 class FusionResult:
-    """One dataset's fused predictions by every rule, and the fusion run."""
+    """One dataset's fused predictions (of one fold) by every rule, and the fusion run."""
 
     dataset: str
     run_id: str
     rules: Mapping[str, Predictions]
     path: str = ""  # the predictions file
+    fold: int = 0
 
 
 def _beside(run_file: PathLike, producer: str, keys: Sequence[str]) -> tuple[dict[str, Any], Path]:
@@ -324,10 +335,12 @@ def load_ensemble(run_file: PathLike) -> EnsembleResult:
     """An ensemble from its ``run.json`` (dataset, backbone, run_id) and predictions."""
     record, path = _beside(run_file, "aggregate_ensemble", ("dataset", "backbone"))
     return EnsembleResult(str(record["dataset"]), str(record["backbone"]), str(record.get("run_id") or ""),
-                          read_predictions(path, uncertainty=True), str(path))  # fmt: skip
+                          read_predictions(path, uncertainty=True), str(path), int(record.get("fold", 0)),
+                          tuple(int(x) for x in record.get("seeds", ())))  # fmt: skip
 
 
 def load_fusion(run_file: PathLike) -> FusionResult:
     """A dataset's fusion from its ``run.json`` (dataset, run_id) and predictions."""
     record, path = _beside(run_file, "fuse_predictions", ("dataset",))
-    return FusionResult(str(record["dataset"]), str(record.get("run_id") or ""), read_fusion(path), str(path))
+    return FusionResult(str(record["dataset"]), str(record.get("run_id") or ""), read_fusion(path), str(path),
+                        int(record.get("fold", 0)))  # fmt: skip

@@ -24,7 +24,18 @@ METRICS_TABLE_COLUMNS = (
     "level",
     "seed",
     "rule",
+    "fold",
     *METRIC_COLUMNS,
+    # Pooled rows only (fold "pooled"): how many folds, and the spread of per-fold accuracy.
+    "n_folds",
+    "accuracy_fold_mean",
+    "accuracy_fold_sd",
+    "accuracy_fold_min",
+    "accuracy_fold_max",
+    # Subsets (val, test) where the model predicted one class for every image.
+    "collapsed",
+    # Member rows: 1 when the member is averaged into its ensemble (see ensemble.drop_collapsed).
+    "in_ensemble",
     "mlflow_run_id",
     "synthetic",
 )
@@ -33,6 +44,7 @@ REFERRAL_COLUMNS = (
     "model",
     "level",
     "rule",
+    "fold",
     "uncertainty",
     "kind",
     "fraction",
@@ -153,45 +165,73 @@ def metrics_markdown(
         f"Accuracy: Wilson {level} interval. ROC-AUC: stratified percentile bootstrap {level} interval "
         f"({evaluation.n_bootstrap} resamples, seed {evaluation.seed}). ECE: {evaluation.ece_bins} equal-width "
         "confidence bins. NLL in nats. Member rows name their seed; fusion rows their rule "
-        f"('{PAPER_RULE}' is the paper's). Validation data chose only the weighted-sum weights and "
-        "the referral thresholds.\n"
+        f"('{PAPER_RULE}' is the paper's; 'stacked' is a logistic regression on the ensembles' log-odds "
+        "fitted on validation, out-of-fold there). Validation data chose only the weighted-sum weights, "
+        "the stacked rule's coefficients and the referral thresholds; baseline rows are a scikit-learn "
+        "model on hand-made colour and grey-grid features of the same split.\n"
     )
+    if any(r.get("n_folds") for r in rows):
+        out.append(
+            "With several folds the rows are POOLED over folds: every fold's test predictions scored "
+            "together (each image once per repeat), the ROC-AUC bootstrap resampling within folds; "
+            "'across folds' is the mean +- sd and range of the per-fold accuracies. The per-fold rows "
+            "are in metrics.csv.\n"
+        )
     header = [
         "model", "level", "seed / rule", "n", f"accuracy ({level} CI)", "bal. acc.", "sens.", "spec.",
         "F1", "MCC", f"ROC-AUC ({level} CI)", "Brier", "NLL", "ECE", "TN / FP / FN / TP",
     ]  # fmt: skip
+    spread = any(r.get("n_folds") for r in rows)
+    if spread:
+        header.append("across folds")
     for dataset in datasets:
         part = [r for r in rows if r["dataset"] == dataset]
         title = f"## {dataset}" + (" (synthetic demo data)" if dataset in synthetic else "")
-        cells = []
-        for r in part:
-            which = r["rule"] if r["level"] == "fusion" else (f"seed {r['seed']}" if r["level"] == "member" else "")
-            cells.append(
-                [
-                    r["model"],
-                    r["level"],
-                    which,
-                    str(r["n_test"]),
-                    f"{_pct(r['accuracy'])} ({_ci(r['accuracy_ci_low'], r['accuracy_ci_high'], True)})",
-                    _num(r["balanced_accuracy"]),
-                    _num(r["recall"]),
-                    _num(r["specificity"]),
-                    _num(r["f1"]),
-                    _num(r["mcc"]),
-                    f"{_num(r['roc_auc'])} ({_ci(r['roc_auc_ci_low'], r['roc_auc_ci_high'], False)})",
-                    _num(r["brier"]),
-                    _num(r["nll"]),
-                    _num(r["ece"]),
-                    f"{r['tn']} / {r['fp']} / {r['fn']} / {r['tp']}",
-                ]
-            )
+        cells = [_metric_cells(r) + ([_fold_spread_cell(r)] if spread else []) for r in part]
         out.append(f"{title}\n\n" + _md_table(header, cells))
+    out.append(_collapsed_markdown(rows))
     out.append(_referral_markdown(referral, evaluation.referral_target_accuracy))
     return "\n".join(out)
 
 
+def _collapsed_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A line per model that predicted one class for every image of a subset, or that none did."""
+    flagged = [r for r in rows if r.get("collapsed")]
+    if not flagged:
+        return "No model predicted a single class for every validation or test image.\n"
+    lines = []
+    for r in flagged:
+        which = f"{r['dataset']} {r['model']} {r['level']}" + (f" seed {r['seed']}" if r["level"] == "member" else "")
+        fold = f" fold {r['fold']}" if r.get("fold") not in (None, "", 0, "0") else ""
+        entered = {1: "; it is averaged into its ensemble", 0: "; it is left out of its ensemble"}.get(r.get("in_ensemble"), "")
+        lines.append(f"- {which}{fold}: one class for every {r['collapsed'].replace(',', ' and every ')} image{entered}")
+    return "## Collapsed models\n\n" + "\n".join(lines) + "\n"
+
+
+def _metric_cells(r: Mapping[str, Any]) -> list[str]:
+    """One metrics.md line: the model and its test metrics with intervals and confusion matrix."""
+    which = r["rule"] if r["level"] == "fusion" else (f"seed {r['seed']}" if r["level"] == "member" else "")
+    return [
+        r["model"], r["level"], which, str(r["n_test"]),
+        f"{_pct(r['accuracy'])} ({_ci(r['accuracy_ci_low'], r['accuracy_ci_high'], True)})",
+        _num(r["balanced_accuracy"]), _num(r["recall"]), _num(r["specificity"]), _num(r["f1"]), _num(r["mcc"]),
+        f"{_num(r['roc_auc'])} ({_ci(r['roc_auc_ci_low'], r['roc_auc_ci_high'], False)})",
+        _num(r["brier"]), _num(r["nll"]), _num(r["ece"]), f"{r['tn']} / {r['fp']} / {r['fn']} / {r['tp']}",
+    ]  # fmt: skip
+
+
+def _fold_spread_cell(r: Mapping[str, Any]) -> str:
+    """'mean +- sd (min-max), k folds' of a pooled row's per-fold accuracies."""
+    if not r.get("n_folds"):
+        return ""
+    sd = r["accuracy_fold_sd"]
+    return (f"{_pct(r['accuracy_fold_mean'], 1)} +- {'n/a' if math.isnan(sd) else _pct(sd, 1)} "
+            f"({_pct(r['accuracy_fold_min'], 1)}-{_pct(r['accuracy_fold_max'], 1)}), {r['n_folds']} folds")  # fmt: skip
+
+
 def _referral_markdown(referral: Sequence[Mapping[str, Any]], target: float) -> str:
     thresholds = [r for r in referral if r["kind"] == "threshold"]
+    several = len({r.get("fold") for r in thresholds}) > 1
     text = [
         "## Referral to an expert\n",
         "The most uncertain test images are referred to an expert and the rest decided automatically. "
@@ -211,7 +251,7 @@ def _referral_markdown(referral: Sequence[Mapping[str, Any]], target: float) -> 
             retained += f" ({r['n_retained'] - r['retained_errors']}/{r['n_retained']})"
         cells.append(
             [
-                r["dataset"],
+                r["dataset"] + (f" fold {r['fold']}" if several else ""),
                 model,
                 r["uncertainty"],
                 "none reaches the target" if r["threshold"] is None else _num(r["threshold"], 4),
@@ -241,6 +281,7 @@ def paper_comparison_markdown(
     rows: Sequence[Mapping[str, Any]],
     evaluation: EvaluationSettings,
     protocols: Mapping[str, str] | None = None,
+    verdicts: Mapping[str, str] | None = None,
 ) -> str:
     """paper_comparison.md: the paper's sum-rule accuracies beside ours, with our interval.
 
@@ -276,6 +317,9 @@ def paper_comparison_markdown(
         if int(ours[d]["n_test"]) != PAPER_RESULTS[d].n_test
     ]
     out.append(_md_table(header, cells))
+    if verdicts:
+        out.append("## Did fusion help?\n\nPaired on the same test images (exact McNemar test; details and "
+                   "bootstrap intervals in comparisons.md):\n\n" + "\n".join(f"- {verdicts[d]}" for d in verdicts) + "\n")
     if notes:
         out.append("Test-set sizes differ from the paper's:\n\n" + "\n".join(notes) + "\n")
     out.append(

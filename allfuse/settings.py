@@ -39,6 +39,7 @@ HEAD_NORMS: tuple[str, ...] = tuple(_HYBRID_PROPS["head_norm"]["enum"])
 OBJECTIVES: tuple[str, ...] = tuple(_PROPS["tune"]["properties"]["objective"]["enum"])
 TUNABLE: tuple[str, ...] = tuple(_SCHEMA["$defs"]["search_space"]["propertyNames"]["enum"])
 SPLIT_PROTOCOLS: tuple[str, ...] = tuple(_PROPS["split"]["properties"]["protocol"]["enum"])
+BASELINE_MODELS: tuple[str, ...] = tuple(_PROPS["baseline"]["properties"]["model"]["enum"])
 
 #: Hybrid settings that determine head mode's cached feature maps; the others (head sizes,
 #: optimiser, epochs) change without re-extracting features.
@@ -226,6 +227,49 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class FusionSettings:
+    """The learned ``stacked`` fusion rule: regularisation, cross-validation folds and seed."""
+
+    stacked_c: float
+    stacked_cv_folds: int
+    stacked_seed: int
+
+    def as_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> FusionSettings:
+        return _typed(cls, values)
+
+    @classmethod
+    def from_config(cls, fusion: Mapping[str, Any]) -> FusionSettings:
+        stacked = fusion["stacked"]
+        return cls.from_params({"stacked_c": stacked["c"], "stacked_cv_folds": stacked["cv_folds"],
+                                "stacked_seed": stacked["seed"]})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """The classical baseline: its estimator (``model``: random_forest with ``n_estimators``
+    trees, or logistic with inverse regularisation ``c``), its features (``hsv_bins`` per HSV
+    channel, a ``grid`` x ``grid`` grey-level grid) and the estimator's ``seed``."""
+
+    model: Literal["random_forest", "logistic"]
+    n_estimators: int
+    c: float
+    hsv_bins: int
+    grid: int
+    seed: int
+
+    def as_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> BaselineSettings:
+        return _typed(cls, {**values, "c": float(values["c"])} if "c" in values else values)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole experiment, typed. Build it with :func:`from_config` from a validated config."""
 
@@ -234,11 +278,14 @@ class Settings:
     studies: Mapping[str, TuneSettings]
     seeds: tuple[int, ...]
     deterministic: bool
+    drop_collapsed: bool
     evaluation: EvaluationSettings
+    fusion: FusionSettings
     tracking: Mapping[str, Any]
     split: Mapping[str, Any]
     data: Mapping[str, Any]
     demo: Mapping[str, Any]
+    baseline: BaselineSettings
     config: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -255,6 +302,14 @@ class Settings:
         """The archives the configured datasets read (combined needs both)."""
         needed = {a for d in self.datasets for a in (ARCHIVES if d not in ARCHIVES else (d,))}
         return [a for a in ARCHIVES if a in needed]
+
+    @property
+    def folds(self) -> tuple[int, ...]:
+        """The fold numbers every model is trained and evaluated on: all ``n_folds x n_repeats``
+        folds of a kfold split (repeat-major, as allfuse.splits numbers them), fold 0 otherwise."""
+        if self.split["protocol"] == "kfold":
+            return tuple(range(int(self.split["n_folds"]) * int(self.split["n_repeats"])))
+        return (0,)
 
     def hybrid(self, backbone: str) -> HybridSettings:
         return self.hybrids[self._configured(backbone)]
@@ -288,10 +343,13 @@ def from_config(config: Mapping[str, Any]) -> Settings:
         studies={b: _study_of(config, b, h.mode) for b, h in hybrids.items()},
         seeds=tuple(int(s) for s in config["ensemble"]["seeds"]),
         deterministic=bool(config["ensemble"]["deterministic"]),
+        drop_collapsed=bool(config["ensemble"]["drop_collapsed"]),
         evaluation=EvaluationSettings.from_params(config["evaluation"]),
+        fusion=FusionSettings.from_config(config["fusion"]),
         tracking=copy.deepcopy(dict(config["tracking"])),
         split=copy.deepcopy(dict(config["split"])),
         data=copy.deepcopy(dict(config["data"])),
         demo=copy.deepcopy(dict(config["demo"])),
+        baseline=BaselineSettings.from_params(config["baseline"]),
         config=config,
     )

@@ -219,7 +219,7 @@ def make_split(
 
 
 def fold_ids(split: Mapping[str, Any], fold: int) -> dict[str, list[str]]:
-    """The train, val and test ids of fold number ``fold`` (config ``split.fold``)."""
+    """The train, val and test ids of fold number ``fold`` (the ``fold`` wildcard of every model path)."""
     folds = split.get("folds") or []
     for entry in folds:
         if entry.get("fold") == fold:
@@ -231,8 +231,8 @@ def fold_ids(split: Mapping[str, Any], fold: int) -> dict[str, list[str]]:
         else f"fold {available[0] if available else 'none'}"
     )
     raise AllfuseError(
-        f"config key 'split.fold' is {fold}, but the {split.get('protocol', '?')} split of dataset "
-        f"{split.get('dataset', '?')!r} has {shown}; set split.fold to one of them"
+        f"fold {fold} was asked for, but the {split.get('protocol', '?')} split of dataset "
+        f"{split.get('dataset', '?')!r} has {shown}; rerun make_splits (the split file is older than the config)"
         + (" (paper and grouped splits have fold 0 only)" if split.get("protocol") in ("paper", "grouped") else "")
     )
 

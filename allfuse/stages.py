@@ -63,6 +63,12 @@ class StoreInfo:
         return {"uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id}
 
 
+def run_name(level: str, dataset: str, fold: int, *parts: Any) -> str:
+    """The MLflow run name of a stage: ``{level}-{dataset}-fold{fold}[-part...]``, e.g.
+    ``member-ALL_IDB2-fold0-mobilenetv2-seed1``; every fold of a dataset is its own run."""
+    return "-".join([level, dataset, f"fold{fold}", *(str(p) for p in parts)])
+
+
 @dataclass(frozen=True)
 class SplitFacts:
     """What stages need to know of a dataset's split file: dataset, protocol, its seed, and

@@ -1,7 +1,7 @@
 """The MLflow tag schema: every tag an allfuse run carries, in one list.
 
-Every run belongs to one level (``LEVELS``): a trial of a study, a study, a member, an ensemble
-(the parent of its members), a fusion, the evaluation. Every run carries the common tags; each
+Every run belongs to one level (``LEVELS``): a trial of a study, a study, a member, the classical
+baseline, an ensemble (the parent of its members), a fusion, the evaluation. Every run carries the common tags; each
 level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
 ``allfuse.sha256.<input>``, one tag per input file. ``check_tags`` says what a run's tags miss or
 hold beyond the schema; the tests run it on every run of a micro DAG, and docs/ARCHITECTURE.md
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-LEVELS = ("trial", "study", "member", "ensemble", "fusion", "evaluation")
+LEVELS = ("trial", "study", "member", "baseline", "ensemble", "fusion", "evaluation")
 ALL = LEVELS
 
 # Common to every run.
@@ -42,6 +42,8 @@ FOLD = "allfuse.fold"
 DEVICE = "allfuse.device"
 TF_THREADS = "allfuse.tf_threads"
 TUNED = "allfuse.tuned"
+COLLAPSED = "allfuse.collapsed"
+DROPPED = "allfuse.dropped_seeds"
 # Studies and trials.
 STUDY = "allfuse.study"
 STUDY_DB = "allfuse.study_db"
@@ -59,6 +61,9 @@ ENSEMBLE_RUN = "allfuse.ensemble_run."
 MEMBER_RUNS = "allfuse.member_runs."
 FUSION_RUN = "allfuse.fusion_run."
 ENSEMBLE_RUNS = "allfuse.ensemble_runs."
+# The classical baseline.
+BASELINE_MODEL = "allfuse.baseline_model"
+BASELINE_RUN = "allfuse.baseline_run."
 
 #: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
 VOLATILE = (HOST, PID)
@@ -78,7 +83,7 @@ class Tag:
 _COMPUTE = ("trial", "study", "member")
 SCHEMA: tuple[Tag, ...] = (
     Tag(VERSION, ALL, True, "allfuse package version"),
-    Tag(LEVEL, ALL, True, "trial, study, member, ensemble, fusion or evaluation"),
+    Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion or evaluation"),
     Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
     Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run (a dead job's runs end KILLED when it reruns)"),
     Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
@@ -93,8 +98,8 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
     Tag(MLFLOW_PARENT, ("trial", "member"), True, "the study (trial) or ensemble (member) run"),
     Tag(BACKBONE, ("trial", "study", "member", "ensemble"), True, "the hybrid's backbone"),
-    Tag(FOLD, ("trial", "study", "member", "ensemble", "fusion"), True, "fold of the split file"),
-    Tag(SEED, ("member",), True, "the member's seed"),
+    Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion"), True, "fold of the split file"),
+    Tag(SEED, ("member", "baseline"), True, "the member's seed (baseline: its estimator's seed)"),
     Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
     Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
     Tag(TF_THREADS, ("study", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
@@ -108,6 +113,8 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(BEST_TRIAL, ("trial", "study"), False, "trial: whether it is the study's best; study: the best trial's number"),
     Tag(BEST_RUN_ID, ("study",), False, "the best trial's run"),
     Tag(BEST, ("study",), False, "the best trial's value of each tuned hyperparameter"),
+    Tag(COLLAPSED, ("member",), False, "subsets predicted all one class, e.g. 'val,test' ('none'; set once trained)"),
+    Tag(DROPPED, ("ensemble",), False, "seeds of collapsed members left out (ensemble.drop_collapsed), 'none'"),
     Tag(N_MEMBERS, ("ensemble",), False, "members averaged (once aggregated)"),
     Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),
     Tag(ENSEMBLE_RUN, ("fusion",), True, "each backbone's ensemble run"),
@@ -115,6 +122,8 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(FUSION_RUN, ("evaluation",), True, "each dataset's fusion run"),
     Tag(ENSEMBLE_RUNS, ("evaluation",), True, "each dataset's ensemble runs, comma-separated"),
     Tag(MEMBER_RUNS, ("evaluation",), True, "each dataset's member runs, comma-separated"),
+    Tag(BASELINE_MODEL, ("baseline",), True, "the baseline's scikit-learn estimator (random_forest or logistic)"),
+    Tag(BASELINE_RUN, ("evaluation",), False, "each dataset's baseline run (once the evaluation reads baselines)"),
 )
 
 

@@ -81,7 +81,7 @@ class TuneJob:
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.backbone}"
+        return f"{self.dataset}-fold{self.fold}-{self.backbone}"
 
     def trial_settings(self, params: Mapping[str, Any]) -> HybridSettings:
         """A trial's hybrid settings: the study's base, the trial's values, the tuning epochs."""

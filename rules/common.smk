@@ -21,7 +21,9 @@ S = afs.from_config(config)
 DATASETS = list(S.datasets)
 BACKBONES = list(S.backbones)
 SEEDS = list(S.seeds)
-FOLD = int(S.split["fold"])
+# Every fold of the split (kfold: n_folds x n_repeats; paper and grouped: fold 0) is a
+# wildcard of every model's path, so all folds run in one invocation.
+FOLDS = list(S.folds)
 # GPU jobs claim one unit of `--resources gpu=N` on a host with a GPU, none on a CPU-only host
 # (there they run side by side, paced by --cores and mem_mb); ALLFUSE_GPU_JOBS=1/0 overrides.
 GPU = gpu_claim()
@@ -31,6 +33,7 @@ wildcard_constraints:
     dataset="|".join(afs.DATASETS),
     backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
+    fold=r"\d+",
 
 
 def _check_archives():
@@ -73,28 +76,35 @@ def groups_input(wildcards):
     return []
 
 
-def member_dir(dataset, backbone, seed):
-    return f"{RESULTS}/members/{dataset}/{backbone}/seed{seed}"
+def member_dir(dataset, fold, backbone, seed):
+    return f"{RESULTS}/members/{dataset}/fold{fold}/{backbone}/seed{seed}"
 
 
-def member_dirs(dataset, backbone):
-    return [member_dir(dataset, backbone, seed) for seed in SEEDS]
+def member_dirs(dataset, fold, backbone):
+    return [member_dir(dataset, fold, backbone, seed) for seed in SEEDS]
 
 
-def ensemble_dir(dataset, backbone):
-    return f"{RESULTS}/ensembles/{dataset}/{backbone}"
+def ensemble_dir(dataset, fold, backbone):
+    return f"{RESULTS}/ensembles/{dataset}/fold{fold}/{backbone}"
 
 
-# One MLflow parent run per ensemble, created by init_tracking before any member trains.
+def fusion_dir(dataset, fold):
+    return f"{RESULTS}/fusion/{dataset}/fold{fold}"
+
+
+# One MLflow parent run per ensemble (dataset, fold, backbone), created by init_tracking before
+# any member trains.
 ENSEMBLES = [
     {
         "dataset": d,
+        "fold": f,
         "backbone": b,
-        "parent": f"{RESULTS}/members/{d}/{b}/parent_run.json",
+        "parent": f"{RESULTS}/members/{d}/fold{f}/{b}/parent_run.json",
         "manifest": f"{RESULTS}/data/{d}/manifest.csv",
         "split": f"{RESULTS}/splits/{d}.json",
     }
     for d in DATASETS
+    for f in FOLDS
     for b in BACKBONES
 ]
 
@@ -103,9 +113,20 @@ def all_targets():
     # The metrics table takes every plot, ensemble and fusion as input: it pulls the whole DAG.
     splits = [f"{RESULTS}/splits/{dataset}.json" for dataset in DATASETS]
     members = [
-        f"{m}/run.json" for d in DATASETS for b in BACKBONES for m in member_dirs(d, b)
+        f"{m}/run.json"
+        for d in DATASETS
+        for f in FOLDS
+        for b in BACKBONES
+        for m in member_dirs(d, f, b)
     ]
-    return splits + members + [f"{RESULTS}/tables/metrics.csv"]
+    return (
+        splits
+        + members
+        + [
+            f"{RESULTS}/tables/metrics.csv",
+            f"{RESULTS}/plots/fold_accuracy.png",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +156,7 @@ def study_base_of(wildcards):
 def training_data(wildcards, subsets=("train", "val", "test")):
     """Inputs a model of this backbone trains on: cached features (head) or images (finetune)."""
     if S.hybrid(wildcards.backbone).mode == "head":
-        base = f"{RESULTS}/features/{wildcards.dataset}/{wildcards.backbone}"
+        base = f"{RESULTS}/features/{wildcards.dataset}/fold{wildcards.fold}/{wildcards.backbone}"
         return {subset: f"{base}/{subset}.npz" for subset in subsets}
     base = f"{RESULTS}/data/{wildcards.dataset}"
     return {"manifest": f"{base}/manifest.csv", "images": f"{base}/images.npy"}
@@ -149,9 +170,13 @@ def tuning_data(wildcards):
 def best_params_input(wildcards):
     if S.study(wildcards.backbone).n_trials > 0:
         return [
-            f"{RESULTS}/tune/{wildcards.dataset}/{wildcards.backbone}/best_params.json"
+            f"{RESULTS}/tune/{wildcards.dataset}/fold{wildcards.fold}/{wildcards.backbone}/best_params.json"
         ]
     return []
+
+
+def fold_of(wildcards):
+    return int(wildcards.fold)
 
 
 def tf_threads(wildcards, threads):

@@ -8,13 +8,13 @@ rule extract_features:
         images=f"{RESULTS}/data/{{dataset}}/images.npy",
         split=f"{RESULTS}/splits/{{dataset}}.json",
     output:
-        train=f"{RESULTS}/features/{{dataset}}/{{backbone}}/train.npz",
-        val=f"{RESULTS}/features/{{dataset}}/{{backbone}}/val.npz",
-        test=f"{RESULTS}/features/{{dataset}}/{{backbone}}/test.npz",
+        train=f"{RESULTS}/features/{{dataset}}/fold{{fold}}/{{backbone}}/train.npz",
+        val=f"{RESULTS}/features/{{dataset}}/fold{{fold}}/{{backbone}}/val.npz",
+        test=f"{RESULTS}/features/{{dataset}}/fold{{fold}}/{{backbone}}/test.npz",
     log:
-        f"{LOGS}/features/{{dataset}}/{{backbone}}.log",
+        f"{LOGS}/features/{{dataset}}/fold{{fold}}/{{backbone}}.log",
     benchmark:
-        f"{JOBSTATS}/features/{{dataset}}/{{backbone}}.tsv"
+        f"{JOBSTATS}/features/{{dataset}}/fold{{fold}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 4
@@ -25,7 +25,7 @@ rule extract_features:
         tf_threads=tf_threads,
     params:
         features=features_of,
-        fold=FOLD,
+        fold=fold_of,
         deterministic=S.deterministic,
         gpu_locks=GPU_LOCKS,
     script:

@@ -1,6 +1,6 @@
 # MLflow: one local job creates the store and the experiment before any parallel job logs to
 # them (concurrent first writers race in sqlite schema creation), and one parent run per
-# (dataset, backbone) ensemble, so that member runs in other processes can nest under it.
+# (dataset, fold, backbone) ensemble, so that member runs in other processes can nest under it.
 # Training rules depend on these outputs through ancient(), so changing the experiment name or
 # URI retrains nothing.
 
@@ -25,6 +25,5 @@ rule init_tracking:
         store_dir=lambda w, output: str(Path(output.store).parent),
         ensembles=ENSEMBLES,
         seeds=SEEDS,
-        fold=FOLD,
     script:
         f"{SCRIPTS}/init_tracking.py"

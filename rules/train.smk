@@ -1,4 +1,4 @@
-# Deep-ensemble members: one job per (dataset, backbone, seed), each its own GPU job.
+# Deep-ensemble members: one job per (dataset, fold, backbone, seed), each its own GPU job.
 
 
 rule train_member:
@@ -6,17 +6,19 @@ rule train_member:
         unpack(training_data),
         split=f"{RESULTS}/splits/{{dataset}}.json",
         best=best_params_input,
-        parent=ancient(f"{RESULTS}/members/{{dataset}}/{{backbone}}/parent_run.json"),
+        parent=ancient(
+            f"{RESULTS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/parent_run.json"
+        ),
         store=ancient(STORE),
     output:
-        model=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/model.keras",
-        predictions=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/predictions.csv",
-        history=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/history.csv",
-        run=f"{RESULTS}/members/{{dataset}}/{{backbone}}/seed{{seed}}/run.json",
+        model=f"{RESULTS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}/model.keras",
+        predictions=f"{RESULTS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}/predictions.csv",
+        history=f"{RESULTS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}/history.csv",
+        run=f"{RESULTS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}/run.json",
     log:
-        f"{LOGS}/members/{{dataset}}/{{backbone}}/seed{{seed}}.log",
+        f"{LOGS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}.log",
     benchmark:
-        f"{JOBSTATS}/members/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
+        f"{JOBSTATS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 4
@@ -27,7 +29,7 @@ rule train_member:
         tf_threads=tf_threads,
     params:
         settings=hybrid_of,
-        fold=FOLD,
+        fold=fold_of,
         deterministic=S.deterministic,
         gpu_locks=GPU_LOCKS,
     script:

@@ -475,7 +475,7 @@ class PredictionTree:
             {d: SplitFacts.read(self.split(d)) for d in datasets},
             context=self.context("evaluate", store), evaluation=self.evaluation(),
             outputs=TableOutputs(t / "metrics.csv", t / "metrics.md", t / "paper_comparison.md", t / "referral.csv",
-                                 t / "run.json"),
+                                 t / "comparisons.csv", t / "comparisons.md", t / "run.json"),
             plots=plots,
         )  # fmt: skip
 

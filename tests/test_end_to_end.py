@@ -115,6 +115,9 @@ def test_dag_runs_to_the_tables(finished):
     assert levels.count("member") == n_backbones * n_seeds
     assert levels.count("ensemble") == n_backbones
     assert {row["rule"] for row in rows if row["level"] == "fusion"} >= {"sum", "product", "max", "majority", "weighted_sum"}
+    assert levels.count("baseline") == 1  # the scikit-learn baseline on the same split
+    assert {row["rule"] for row in rows if row["level"] == "fusion"} >= {"stacked"}
+    assert {row["fold"] for row in rows} == {"0"}  # the paper protocol: one fold, no pooled rows
     assert all(row["synthetic"] == "1" for row in rows)
     for row in rows:
         cm = sum(int(row[k]) for k in ("tn", "fp", "fn", "tp"))
@@ -125,8 +128,8 @@ def test_dag_runs_to_the_tables(finished):
     plots = sorted((finished / "results" / "plots").rglob("*.png"))
     assert {p.stem for p in plots} >= {"roc", "reliability", "uncertainty", "referral", "confusion"}
     # Every GPU job left a log and a benchmark record, in trees parallel to results/.
-    assert "epoch 10:" in (finished / "logs" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.log").read_text()
-    assert (finished / "jobstats" / "members" / "ALL_IDB2" / "mobilenetv2" / "seed1.tsv").exists()
+    assert "epoch 10:" in (finished / "logs" / "members" / "ALL_IDB2" / "fold0" / "mobilenetv2" / "seed1.log").read_text()
+    assert (finished / "jobstats" / "members" / "ALL_IDB2" / "fold0" / "mobilenetv2" / "seed1.tsv").exists()
 
 
 def test_report_builds(finished, smk):
@@ -232,8 +235,8 @@ def test_a_member_killed_mid_training_leaves_nothing_and_the_recovered_dag_match
     finished, smk, tmp_path
 ):
     smk.write_config(tmp_path, MICRO)
-    member = tmp_path / "results/members/ALL_IDB2/mobilenetv2/seed1"
-    member_log = tmp_path / "logs/members/ALL_IDB2/mobilenetv2/seed1.log"
+    member = tmp_path / "results/members/ALL_IDB2/fold0/mobilenetv2/seed1"
+    member_log = tmp_path / "logs/members/ALL_IDB2/fold0/mobilenetv2/seed1.log"
     _run_and_kill(smk, tmp_path, None, member_log, r"epoch 1: ")
     assert "epoch 10:" not in member_log.read_text()  # it was killed while training
     leftovers = [p.name for p in member.glob("*") if not p.name.startswith(".")] if member.exists() else []
@@ -242,7 +245,7 @@ def test_a_member_killed_mid_training_leaves_nothing_and_the_recovered_dag_match
     run_dag(smk, tmp_path)
     client, runs = store_runs(tmp_path)
     killed = [r for r in runs if r.info.status == "KILLED"]
-    assert [r.info.run_name for r in killed] == ["member-ALL_IDB2-mobilenetv2-seed1"]  # only the killed job's
+    assert [r.info.run_name for r in killed] == ["member-ALL_IDB2-fold0-mobilenetv2-seed1"]  # only the killed job's
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     clean = read_rows(finished / "results/tables/metrics.csv")
     recovered = read_rows(tmp_path / "results/tables/metrics.csv")
@@ -267,8 +270,8 @@ def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
     config["backbones"] = {"mobilenetv2": {"input_size": 32}}
     config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
     smk.write_config(tmp_path, config)
-    best = tmp_path / "results/tune/ALL_IDB2/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/mobilenetv2.log"
+    best = tmp_path / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
+    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2.log"
     _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
     assert not best.exists()
 
@@ -283,3 +286,105 @@ def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
     assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the killed study's run, resumed
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert [r.data.tags[T.TRIAL] for r in killed] == ["1"] and killed[0].data.tags[T.TRIAL_STATE] == "FAIL"
+
+
+def test_comparisons_are_recomputable_from_the_stored_predictions(finished):
+    """One McNemar p and one paired bootstrap interval of comparisons.csv, recomputed here from the
+    fusion and ensemble prediction files with nothing but the standard library and NumPy."""
+    from math import comb
+
+    import numpy as np
+
+    rows = read_rows(finished / "results/tables/comparisons.csv")
+    row = next(r for r in rows if r["model_a"] == "fusion (sum)" and r["model_b"] == "mobilenetv2")
+    fusion = [r for r in read_rows(finished / "results/fusion/ALL_IDB2/fold0/predictions.csv")
+              if r["rule"] == "sum" and r["split"] == "test"]  # fmt: skip
+    ensemble = {r["image_id"]: r for r in read_rows(finished / "results/ensembles/ALL_IDB2/fold0/mobilenetv2/predictions.csv")
+                if r["split"] == "test"}  # fmt: skip
+    y = np.array([int(r["label"]) for r in fusion])
+    a = np.array([float(r["p_all"]) for r in fusion])
+    b = np.array([float(ensemble[r["image_id"]]["p_all"]) for r in fusion])
+    right_a, right_b = (a > 0.5) == y, (b > 0.5) == y
+    n01, n10 = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    n = n01 + n10
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, k) for k in range(min(n01, n10) + 1)) / 2**n)
+    assert (int(row["n01"]), int(row["n10"])) == (n01, n10)
+    assert float(row["mcnemar_p"]) == pytest.approx(p, abs=1e-6)
+    # The paired bootstrap of the accuracy difference: within each class, the evaluation seed.
+    rng = np.random.default_rng(MICRO["evaluation"].get("seed", 0))
+    cells = [np.flatnonzero(y == c) for c in np.unique(y)]
+    diffs = []
+    for _ in range(MICRO["evaluation"]["n_bootstrap"]):
+        idx = np.concatenate([rng.choice(cell, size=cell.size, replace=True) for cell in cells])
+        diffs.append(np.mean(right_a[idx]) - np.mean(right_b[idx]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    assert float(row["accuracy_diff_ci_low"]) == pytest.approx(low, abs=1e-6)
+    assert float(row["accuracy_diff_ci_high"]) == pytest.approx(high, abs=1e-6)
+
+
+# Every fold of a repeated k-fold split in one DAG: 3 folds x 2 repeats, two backbones, one seed.
+KFOLD = {
+    **MICRO,
+    "split": {"protocol": "kfold", "n_folds": 3, "n_repeats": 2},
+    "hybrid": {**MICRO["hybrid"], "epochs": 2, "patience": 2},
+    "backbones": {"efficientnetb3": {"input_size": 32}, "mobilenetv2": {"input_size": 32}},
+    "ensemble": {"seeds": [1]},
+    "tune": {"n_trials": 0},
+}
+N_FOLDS = 6
+
+
+@pytest.fixture(scope="module")
+def kfold(tmp_path_factory, smk) -> Path:
+    workdir = tmp_path_factory.mktemp("kfold")
+    smk.write_config(workdir, KFOLD)
+    run_dag(smk, workdir)
+    return workdir
+
+
+def test_kfold_runs_every_fold_with_pooled_rows_counting_each_image_once_per_repeat(kfold):
+    rows = read_rows(kfold / "results/tables/metrics.csv")
+    n_images = 2 * KFOLD["demo"]["idb2_per_class"]
+    keys = {(r["dataset"], r["model"], r["level"], r["seed"], r["rule"]) for r in rows}
+    assert {k[2] for k in keys} == {"member", "baseline", "ensemble", "fusion"}
+    for key in keys:
+        mine = [r for r in rows if (r["dataset"], r["model"], r["level"], r["seed"], r["rule"]) == key]
+        assert sorted(r["fold"] for r in mine) == sorted([*map(str, range(N_FOLDS)), "pooled"]), key
+        [pooled] = [r for r in mine if r["fold"] == "pooled"]
+        cm = sum(int(pooled[k]) for k in ("tn", "fp", "fn", "tp"))
+        assert cm == int(pooled["n_test"]) == 2 * n_images, key  # every image once per repeat
+        assert int(pooled["n_folds"]) == N_FOLDS
+        accs = [float(r["accuracy"]) for r in mine if r["fold"] != "pooled"]
+        assert float(pooled["accuracy_fold_min"]) == pytest.approx(min(accs), abs=1e-6)
+    # The fold files themselves: each image is a test image of exactly one fold per repeat.
+    from collections import Counter
+
+    seen = Counter(r["image_id"] for f in range(N_FOLDS)
+                   for r in read_rows(kfold / f"results/fusion/ALL_IDB2/fold{f}/predictions.csv")
+                   if r["split"] == "test" and r["rule"] == "sum")  # fmt: skip
+    assert len(seen) == n_images and set(seen.values()) == {2}
+    paired = read_rows(kfold / "results/tables/comparisons.csv")
+    assert {r["fold"] for r in paired} == {*map(str, range(N_FOLDS)), "pooled"}
+    assert (kfold / "results/plots/fold_accuracy.png").stat().st_size > 0
+
+
+def test_kfold_reruns_stay_precise(kfold, smk):
+    assert scheduled(smk, kfold) == {}
+    config = copy.deepcopy(KFOLD)
+    config["backbones"]["mobilenetv2"]["epochs"] = 3
+    smk.write_config(kfold, config)
+    try:
+        counts = scheduled(smk, kfold)
+        config = copy.deepcopy(KFOLD)
+        config["split"]["n_folds"] = 2
+        smk.write_config(kfold, config)
+        refolded = scheduled(smk, kfold)
+    finally:
+        smk.write_config(kfold, KFOLD)
+    # One backbone's change: its members, ensembles and fusions in every fold, nothing else trains.
+    assert counts.get("train_member") == N_FOLDS and counts.get("aggregate_ensemble") == N_FOLDS
+    assert counts.get("fuse_predictions") == N_FOLDS
+    assert not {"extract_features", "train_baseline", "make_splits"} & set(counts), counts
+    # Another number of folds: a new split, and everything after it.
+    assert refolded.get("make_splits") == 1 and refolded.get("train_member") == 2 * 2 * 2
+    assert refolded.get("train_baseline") == 4 and refolded.get("extract_features") == 2 * 2 * 2

@@ -496,6 +496,8 @@ def test_runs_are_logged_linked_and_finished(prediction_tree, mlflow_store) -> N
         "tables/metrics.md",
         "tables/paper_comparison.md",
         "tables/referral.csv",
+        "tables/comparisons.csv",
+        "tables/comparisons.md",
     }
     assert {a.path for a in c.list_artifacts(record["run_id"], f"plots/{dataset}")} == {
         f"plots/{dataset}/{k}.png" for k in PLOT_KINDS
@@ -516,3 +518,63 @@ def test_runs_are_logged_linked_and_finished(prediction_tree, mlflow_store) -> N
     for r in runs:
         assert T.check_tags(r.data.tags) == [], r.data.tags[T.LEVEL]
     assert len({r.data.tags[T.CONFIG_SHA256] for r in runs}) == 1
+
+
+def _collapse(tree, dataset: str, backbone: str, seed: int) -> None:
+    """Rewrite one member's predictions to say healthy for every image."""
+    path = tree.member_dir(dataset, backbone, seed) / "predictions.csv"
+    rows = read_csv(path)
+    for r in rows:
+        r["p_healthy"], r["p_all"] = "0.9", "0.1"
+    write_csv(path, rows, list(rows[0]))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_collapsed_member_is_flagged_and_dropped_only_when_asked(prediction_tree, drop) -> None:
+    from allfuse.predictions import collapsed_subsets, load_member
+
+    tree = prediction_tree
+    _collapse(tree, "ALL_IDB2", "mobilenetv2", 2)
+    member = load_member(tree.member_dir("ALL_IDB2", "mobilenetv2", 2) / "run.json")
+    assert collapsed_subsets(member.predictions.split, member.predictions.probs) == ["val", "test"]
+    assert collapsed_subsets(tree.members("ALL_IDB2")[0].predictions.split,
+                             tree.members("ALL_IDB2")[0].predictions.probs) == []  # fmt: skip
+    out = tree.ensemble_dir("ALL_IDB2", "mobilenetv2")
+    record = ev.aggregate_ensemble(
+        tree.members("ALL_IDB2", ["mobilenetv2"]), parent_run_id=None,
+        context=tree.context("aggregate_ensemble", None, dataset="ALL_IDB2", backbone="mobilenetv2"),
+        evaluation=tree.evaluation(), synthetic=True, out_predictions=out / "predictions.csv",
+        out_run=out / "run.json", drop_collapsed=drop,
+    )  # fmt: skip
+    assert record["seeds"] == ([1] if drop else [1, 2]) and record["dropped_seeds"] == ([2] if drop else [])
+    ensemble = load_ensemble(out / "run.json")
+    rows = ev.metrics_rows(tree.members("ALL_IDB2", ["mobilenetv2"]), [ensemble],
+                           _fusion_stub(ensemble), tree.evaluation(), True)  # fmt: skip
+    flagged = {(r["level"], r["seed"]): (r["collapsed"], r["in_ensemble"]) for r in rows if r["level"] == "member"}
+    assert flagged == {("member", 1): ("", 1), ("member", 2): ("val,test", 0 if drop else 1)}
+    from allfuse.reports import metrics_markdown
+
+    text = metrics_markdown(rows, [], tree.evaluation())
+    assert "ALL_IDB2 mobilenetv2 member seed 2: one class for every val and every test image" in text
+    assert ("left out of its ensemble" if drop else "averaged into its ensemble") in text
+
+
+def _fusion_stub(ensemble):
+    from allfuse.predictions import FusionResult
+
+    return FusionResult(ensemble.dataset, "fusion-run", {"sum": ensemble.predictions})
+
+
+def test_every_member_collapsed_is_refused_when_dropping(prediction_tree) -> None:
+    tree = prediction_tree
+    for seed in tree.SEEDS:
+        _collapse(tree, "ALL_IDB2", "mobilenetv2", seed)
+    out = tree.ensemble_dir("ALL_IDB2", "mobilenetv2")
+    with pytest.raises(DataError, match="every member collapsed"):
+        ev.aggregate_ensemble(
+            tree.members("ALL_IDB2", ["mobilenetv2"]), parent_run_id=None,
+            context=tree.context("aggregate_ensemble", None, dataset="ALL_IDB2", backbone="mobilenetv2"),
+            evaluation=tree.evaluation(), synthetic=True, out_predictions=out / "predictions.csv",
+            out_run=out / "run.json", drop_collapsed=True,
+        )  # fmt: skip
+    assert not (out / "run.json").exists()

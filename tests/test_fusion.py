@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+
 import numpy as np
 import pytest
 
 from allfuse.errors import ConfigError, DataError
-from allfuse.fusion import RULES, fuse, fuse_members, validation_weights
+from allfuse.fusion import (
+    ALL_RULES,
+    LEARNED_RULES,
+    PAPER_RULE,
+    RULES,
+    StackedFusion,
+    fit_stacked,
+    fuse,
+    fuse_members,
+    fuse_stacked,
+    validation_weights,
+)
 from allfuse.uncertainty import decompose, ensemble_mean, predict_labels
 
 
@@ -184,3 +198,178 @@ def test_errors_name_the_problem() -> None:
         fuse_members({"a": np.full((2, 3, 2), 0.5), "b": np.full((2, 4, 2), 0.5)})
     with pytest.raises(ConfigError, match="weighting metric"):
         validation_weights(MODELS, np.array([1, 0, 1, 0]), metric="auc")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked fusion (learned on validation only)
+# ---------------------------------------------------------------------------------------------
+
+STRONG = "efficientnetb3"
+
+
+def strong_and_noise(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One informative backbone (about 95% accurate) and two confident noise backbones."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2)
+    logit = {
+        STRONG: 2.5 * (2 * labels - 1) + rng.normal(0.0, 1.5, n),
+        "inceptionv3": rng.normal(0.0, 3.0, n),
+        "mobilenetv2": rng.normal(0.0, 3.0, n),
+    }
+    return {k: probs(*(1.0 / (1.0 + np.exp(-v)))) for k, v in logit.items()}, labels
+
+
+def accuracy(p: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predict_labels(p) == labels))
+
+
+def test_fixed_and_learned_rules_are_apart() -> None:
+    assert PAPER_RULE == "sum" and PAPER_RULE in RULES
+    assert LEARNED_RULES == ("stacked",) and not set(LEARNED_RULES) & set(RULES)
+    assert ALL_RULES == (*RULES, *LEARNED_RULES)
+    with pytest.raises(ConfigError, match="unknown fusion rule 'stacked'"):
+        fuse(MODELS, "stacked")
+
+
+def test_stacking_beats_sum_when_one_backbone_is_strong() -> None:
+    val, val_labels = strong_and_noise(200, seed=1)
+    test, test_labels = strong_and_noise(400, seed=2)
+    model = fit_stacked(val, val_labels)
+    stacked = accuracy(model.apply(test), test_labels)
+    singles = {k: accuracy(p, test_labels) for k, p in test.items()}
+    assert max(singles, key=singles.get) == STRONG
+    assert stacked >= singles[STRONG] - 0.02
+    assert stacked > accuracy(fuse(test, "sum"), test_labels) + 0.05
+    coef = model.coefficients
+    assert coef[STRONG] > 0.5
+    assert all(abs(coef[k]) < 0.25 * coef[STRONG] for k in coef if k != STRONG)
+    # The honest (out-of-fold) validation score tells the same story.
+    assert accuracy(model.validation_probs, val_labels) >= singles[STRONG] - 0.05
+
+
+def test_stacking_never_sees_test_labels() -> None:
+    # Neither the fit nor the fitted model has a place for test data or labels.
+    assert list(inspect.signature(fit_stacked).parameters) == [
+        "val_probs", "val_labels", "c", "cv_folds", "seed"
+    ]
+    assert list(inspect.signature(StackedFusion.apply).parameters) == ["self", "model_probs"]
+    val, val_labels = strong_and_noise(60, seed=3)
+    test, test_labels = strong_and_noise(40, seed=4)
+    everything = {k: np.concatenate([val[k], test[k]]) for k in val}
+    is_val = np.arange(100) < 60
+    rng = np.random.default_rng(5)
+    outputs = []
+    for corrupt in (test_labels, 1 - test_labels, rng.permutation(test_labels)):
+        labels = np.concatenate([val_labels, corrupt])  # a Predictions' label column
+        fused, model = fuse_stacked(everything, is_val, labels[is_val], cv_folds=3)
+        outputs.append((fused, model.apply(test)))
+    for fused, on_test in outputs[1:]:
+        np.testing.assert_array_equal(fused, outputs[0][0])
+        np.testing.assert_array_equal(on_test, outputs[0][1])
+    np.testing.assert_array_equal(outputs[0][0][~is_val], outputs[0][1])
+
+
+def test_stacking_depends_on_validation_labels() -> None:
+    val, labels = strong_and_noise(60, seed=6)
+    flipped = labels.copy()
+    flipped[:20] = 1 - flipped[:20]
+    a, b = fit_stacked(val, labels, cv_folds=3), fit_stacked(val, flipped, cv_folds=3)
+    assert a.coefficients != b.coefficients
+    assert not np.array_equal(a.validation_probs, b.validation_probs)
+
+
+def test_fuse_stacked_puts_out_of_fold_probs_on_validation_rows() -> None:
+    val, labels = strong_and_noise(50, seed=7)
+    test, _ = strong_and_noise(30, seed=8)
+    is_val = np.r_[np.zeros(30, bool), np.ones(50, bool)]  # canonical order: test before val
+    everything = {k: np.concatenate([test[k], val[k]]) for k in val}
+    fused, model = fuse_stacked(everything, is_val, labels, cv_folds=3)
+    np.testing.assert_array_equal(fused[is_val], model.validation_probs)
+    np.testing.assert_allclose(fused[~is_val], fit_stacked(val, labels, cv_folds=3).apply(test))
+    np.testing.assert_allclose(fused.sum(axis=1), 1.0)
+
+
+def test_out_of_fold_differs_from_in_sample() -> None:
+    val, labels = strong_and_noise(80, seed=9)
+    model = fit_stacked(val, labels, cv_folds=4)
+    in_sample = model.apply(val)
+    assert model.validation_probs.shape == (80, 2)
+    np.testing.assert_allclose(model.validation_probs.sum(axis=1), 1.0)
+    assert np.max(np.abs(model.validation_probs - in_sample)) > 1e-3
+    assert model.n_splits == 4 and model.fallback is None and model.method == "logistic"
+
+
+def test_stacking_is_deterministic() -> None:
+    val, labels = strong_and_noise(60, seed=10)
+    a = fit_stacked(val, labels, cv_folds=3, seed=3)
+    b = fit_stacked(dict(reversed(val.items())), labels, cv_folds=3, seed=3)
+    assert a.as_dict() == b.as_dict() and a == b
+    assert not a.validation_probs.flags.writeable
+    np.testing.assert_array_equal(a.validation_probs, b.validation_probs)
+    other = fit_stacked(val, labels, cv_folds=3, seed=4)
+    # The seed only shuffles the folds: the model fitted on all validation images is the same.
+    assert other.coefficients == pytest.approx(a.coefficients)
+    assert not np.array_equal(other.validation_probs, a.validation_probs)
+
+
+def test_folds_shrink_to_the_smallest_class_and_regularisation_shrinks() -> None:
+    val, labels = strong_and_noise(40, seed=11)
+    labels = labels.copy()
+    labels[np.flatnonzero(labels == 1)[3:]] = 0  # three ALL images
+    model = fit_stacked(val, labels, cv_folds=10)
+    assert model.n_splits == 3 and model.cv_folds == 10
+    val, labels = strong_and_noise(60, seed=12)
+    weak = fit_stacked(val, labels, c=1e-3, cv_folds=2)
+    loose = fit_stacked(val, labels, c=100.0, cv_folds=2)
+    assert abs(weak.coefficients[STRONG]) < abs(loose.coefficients[STRONG])
+
+
+def test_stacked_record_for_logging() -> None:
+    val, labels = strong_and_noise(40, seed=13)
+    model = fit_stacked(val, labels, c=0.5, cv_folds=3, seed=2)
+    params = model.as_params()
+    assert params["stacked_c"] == 0.5 and params["stacked_n_splits"] == 3
+    assert {f"stacked_coef_{k}" for k in val} <= set(params)
+    assert all(isinstance(v, str | int | float) for v in params.values())
+    record = model.as_dict()
+    assert json.loads(json.dumps(record)) == record
+    assert list(record["coefficients"]) == sorted(val) and record["fallback"] is None
+    assert model.names == tuple(sorted(val))
+
+
+def test_stacking_falls_back_to_sum_with_one_image_of_a_class() -> None:
+    labels = np.array([1, 0, 0, 0])
+    with pytest.warns(RuntimeWarning, match="fell back to the equal-weight sum rule"):
+        model = fit_stacked(MODELS, labels)
+    assert model.fallback and model.method == "sum" and model.n_splits == 0
+    np.testing.assert_allclose(model.validation_probs, fuse(MODELS, "sum"))
+    np.testing.assert_allclose(model.apply(MODELS), fuse(MODELS, "sum"))
+    assert model.as_params()["stacked_method"] == "sum"
+
+
+def test_stacking_errors_name_the_problem() -> None:
+    labels = np.array([1, 0, 1, 0])
+    with pytest.raises(DataError, match="image counts differ"):
+        fit_stacked({"a": probs(0.1, 0.9, 0.2, 0.8), "b": probs(0.1, 0.9, 0.2)}, labels)
+    with pytest.raises(DataError, match="3 entries but the probabilities have 4"):
+        fit_stacked(MODELS, labels[:3])
+    with pytest.raises(DataError, match="both classes"):
+        fit_stacked(MODELS, np.ones(4, int))
+    nan = {**MODELS, "mobilenetv2": probs(0.5, np.nan, 0.5, 0.5)}
+    with pytest.raises(DataError, match="NaN"):
+        fit_stacked(nan, labels)
+    with pytest.raises(DataError, match="validation images"):
+        fit_stacked({k: np.empty((0, 2)) for k in MODELS}, np.empty(0, int))
+    with pytest.raises(DataError, match="at least one model"):
+        fit_stacked({}, labels)
+    with pytest.raises(ConfigError, match="C must be"):
+        fit_stacked(MODELS, labels, c=0.0)
+    with pytest.raises(ConfigError, match="cv_folds"):
+        fit_stacked(MODELS, labels, cv_folds=1)
+    model = fit_stacked(MODELS, labels, cv_folds=2)
+    with pytest.raises(DataError, match="fitted on models"):
+        model.apply({"inceptionv3": MODELS["inceptionv3"]})
+    with pytest.raises(DataError, match="NaN"):
+        model.apply(nan)
+    with pytest.raises(DataError, match="boolean mask"):
+        fuse_stacked(MODELS, np.array([1, 1, 0, 0]), labels[:2])

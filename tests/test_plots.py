@@ -74,7 +74,7 @@ def test_plot_outputs_must_name_every_kind(finished_tree, tmp_path: Path) -> Non
 
 def test_ensembles_of_another_dataset_are_refused(finished_tree, tmp_path: Path) -> None:
     stray = [finished_tree.ensembles(DATASET)[0], finished_tree.ensembles("ALL_IDB1")[1]]
-    with pytest.raises(DataError, match=f"plots of {DATASET}: ensembles of another dataset \\(mobilenetv2\\)"):
+    with pytest.raises(DataError, match=f"plots of {DATASET} fold 0: ensembles of another dataset or fold \\(mobilenetv2\\)"):
         plot(finished_tree, outputs(tmp_path), ensembles=stray)
     assert not any(tmp_path.iterdir())
 

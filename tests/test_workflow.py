@@ -60,11 +60,25 @@ def test_default_config_dag_has_every_stage(tmp_path, snakemake, write_config, j
     assert counts["aggregate_ensemble"] == n_d * n_b
     assert counts["fuse_predictions"] == n_d
     assert counts["evaluate"] == 1 and counts["init_tracking"] == 1
+    assert counts["train_baseline"] == n_d and counts["plot_folds"] == 1
     # Every TensorFlow job carries its share of the host as the tf_threads resource.
     from allfuse.gpu import host_cores, thread_share
 
     share = f"tf_threads={thread_share(4, 8, host_cores())}"  # the profile's --cores 8, threads: 4
     assert out.stdout.count(share) == n_d * n_b * (2 + n_s), out.stdout
+
+
+def test_kfold_runs_every_fold_of_every_repeat_in_one_dag(tmp_path, snakemake, write_config, job_counts):
+    write_config(tmp_path, {"datasets": ["ALL_IDB2"], "split": {"protocol": "kfold", "n_folds": 3, "n_repeats": 2}})
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode == 0, out.stderr
+    counts = job_counts(out.stdout)
+    n_b, n_s, n_f = 3, 3, 6  # the default backbones and seeds, 3 folds x 2 repeats
+    assert counts["make_splits"] == 1 and counts["evaluate"] == 1
+    assert counts["extract_features"] == n_f * n_b and counts["tune_backbone"] == n_f * n_b
+    assert counts["train_member"] == n_f * n_b * n_s and counts["aggregate_ensemble"] == n_f * n_b
+    assert counts["fuse_predictions"] == n_f and counts["train_baseline"] == n_f and counts["plot_results"] == n_f
+    assert "results/members/ALL_IDB2/fold5/mobilenetv2/seed3/run.json" in out.stdout
 
 
 def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path, snakemake, write_config, job_counts):

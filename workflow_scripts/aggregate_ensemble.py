@@ -17,6 +17,7 @@ def main(smk, log):
         synthetic=SplitFacts.read(smk.input.split).synthetic,
         out_predictions=smk.output.predictions,
         out_run=smk.output.run,
+        drop_collapsed=bool(smk.params.drop_collapsed),
     )
     log.info("ensemble of %d members: test accuracy %.4f, run %s", record["n_members"], record["test_accuracy"],
              record["run_id"])  # fmt: skip

@@ -2,6 +2,7 @@
 
 from _common import context, run_rule
 
+from allfuse.baseline import load_baseline
 from allfuse.evaluation import TableOutputs, evaluate
 from allfuse.predictions import load_ensemble, load_fusion, load_member
 from allfuse.settings import EvaluationSettings
@@ -18,8 +19,10 @@ def main(smk, log):
         splits,
         context=context(smk),
         evaluation=EvaluationSettings.from_params(smk.params.evaluation),
-        outputs=TableOutputs(o.metrics_csv, o.metrics_md, o.paper, o.referral, o.run),
+        outputs=TableOutputs(o.metrics_csv, o.metrics_md, o.paper, o.referral, o.comparisons_csv, o.comparisons_md,
+                             o.run),  # fmt: skip
         plots=smk.input.plots,
+        baselines=[load_baseline(path) for path in smk.input.baseline_runs],
     )
     log.info("%d table rows; sum-rule test accuracy %s; run %s", record["n_rows"], record["sum_test_accuracy"],
              record["run_id"])  # fmt: skip

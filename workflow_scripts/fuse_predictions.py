@@ -4,7 +4,7 @@ from _common import context, run_rule
 
 from allfuse.evaluation import fuse_predictions
 from allfuse.predictions import load_ensemble, load_member
-from allfuse.settings import EvaluationSettings
+from allfuse.settings import EvaluationSettings, FusionSettings
 
 
 def main(smk, log):
@@ -15,6 +15,7 @@ def main(smk, log):
         context=context(smk),
         evaluation=EvaluationSettings.from_params(smk.params.evaluation),
         fold=int(smk.params.fold),
+        stacking=FusionSettings.from_params(smk.params.fusion),
         out_predictions=smk.output.predictions,
         out_weights=smk.output.weights,
         out_run=smk.output.run,

@@ -15,7 +15,7 @@ def main(smk, log):
         wildcards = {"dataset": e["dataset"], "backbone": e["backbone"]}
         ctx = StageContext(smk.rule, wildcards, dict(smk.config), store, REPO)
         parent = start_ensemble_run(
-            ctx, e["dataset"], e["backbone"], seeds=smk.params.seeds, fold=int(smk.params.fold), split=e["split"],
+            ctx, e["dataset"], e["backbone"], seeds=smk.params.seeds, fold=int(e["fold"]), split=e["split"],
             inputs={"manifest": e["manifest"], "split": e["split"]}, out=e["parent"],
         )  # fmt: skip
         log.info("parent run %s for %s/%s", parent["run_id"], e["dataset"], e["backbone"])
