@@ -20,6 +20,11 @@ import numpy as np
 # ``idb1_width`` renders the same field more sharply instead of showing more cells.
 FIELD_WIDTH_UM = 180.0
 
+# Mean number of blasts in one field of view of an ALL slide. Leukaemic blood is crowded with
+# blasts; so many large cells keep the class visible once a whole smear is shrunk to a model's
+# input (at 128 px a blast is still a blob 8-15 pixels across, a small lymphocyte 5-7).
+BLASTS_PER_FIELD = 15.0
+
 # Optical density in R, G, B per unit amount of each dye, chosen so that unit amounts give the
 # colours of ALL-IDB photographs: pink red cells, deep purple nuclei, pale blue cytoplasm.
 EOSIN, AZURE, BASO = 0, 1, 2
@@ -137,9 +142,13 @@ class Look:
 
 
 def _blast_radius(rng: np.random.Generator, n: int | None = None) -> np.ndarray | float:
-    """Blast radius (um): one float, or an (n,) array when ``n`` is given."""
-    # Overlaps the large-lymphocyte range on purpose: size alone must not decide the class.
-    return rng.uniform(4.6, 8.5, n)
+    """Blast radius (um): one float, or an (n,) array when ``n`` is given.
+
+    12-21 um across, about twice a small lymphocyte: the size that a whole smear shows at low
+    resolution. The low end (radius 6.0 um) overlaps the large lymphocytes (radius up to 6.6 um),
+    so in a crop, framed in proportion to its cell, size alone does not decide the class.
+    """
+    return rng.uniform(6.0, 10.5, n)
 
 
 def _lymphocyte_radius(rng: np.random.Generator) -> float:
@@ -339,8 +348,9 @@ def make_slide(
     through ``look_from``, the stain). ``blasts_per_field`` is the mean number of blasts in one
     field of view of an ALL slide.
     Every ALL view gets at least one blast centre. A healthy slide draws the same blast budget
-    and fills that area with extra lymphocytes instead, so both classes show the same expected
-    leukocyte area, nuclear area and dye amount per image.
+    and fills that area with extra (smaller, so about four times as many) lymphocytes instead,
+    so both classes show the same expected leukocyte area, nuclear area and dye amount per image
+    and differ in the number and size of their leukocytes.
     """
     margin = 20.0
     bounds = (

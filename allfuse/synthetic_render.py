@@ -17,6 +17,7 @@ import numpy as np
 from allfuse.synthetic_cells import (
     APPEARANCE_DIMS,
     AZURE,
+    BLASTS_PER_FIELD,
     BASO,
     EOSIN,
     Cell,
@@ -158,13 +159,19 @@ def _texture_offset(texture: np.ndarray, nucleus: np.ndarray, cell: Cell) -> flo
 
 
 def _draw_leukocyte(cell: Cell, view: View, dens: np.ndarray, cover_all: np.ndarray) -> None:
-    """Add one leukocyte's dyes to ``dens`` (3, H, W) and its coverage to ``cover_all`` (H, W)."""
+    """Add one leukocyte's dyes to ``dens`` (3, H, W) and its coverage to ``cover_all`` (H, W).
+
+    The cell is computed on its whole pixel patch, also where the view's edge cuts it, and only
+    then clipped: the chromatin balance (``_texture_offset``) is a property of the whole nucleus,
+    so a cell renders the same in a smear and in a crop that cuts it.
+    """
     reach = cell.radius + 2 * view.px
-    i0 = max(0, int(math.floor((cell.y - reach - view.y0) / view.px)))
-    i1 = min(view.height, int(math.ceil((cell.y + reach - view.y0) / view.px)))
-    j0 = max(0, int(math.floor((cell.x - reach - view.x0) / view.px)))
-    j1 = min(view.width, int(math.ceil((cell.x + reach - view.x0) / view.px)))
-    if i0 >= i1 or j0 >= j1:
+    i0 = int(math.floor((cell.y - reach - view.y0) / view.px))
+    i1 = int(math.ceil((cell.y + reach - view.y0) / view.px))
+    j0 = int(math.floor((cell.x - reach - view.x0) / view.px))
+    j1 = int(math.ceil((cell.x + reach - view.x0) / view.px))
+    vi0, vi1, vj0, vj1 = max(0, i0), min(view.height, i1), max(0, j0), min(view.width, j1)
+    if vi0 >= vi1 or vj0 >= vj1:
         return
     xs = (view.x0 + (np.arange(j0, j1, dtype=np.float32) + 0.5) * view.px - cell.x).astype(np.float32)
     ys = (view.y0 + (np.arange(i0, i1, dtype=np.float32) + 0.5) * view.px - cell.y).astype(np.float32)
@@ -175,18 +182,21 @@ def _draw_leukocyte(cell: Cell, view: View, dens: np.ndarray, cover_all: np.ndar
     width = _edge_width(view)
     cell_cover = _coverage((rho - cell.radius), width)
     nucleus = np.minimum(_coverage(_nucleus_distance(cell, lx, ly), width), cell_cover)
-    cyto = cell_cover - nucleus
     c = cell.chromatin
     texture = _blob_field(xs, ys, c[:, 0] + cell.nucleus_dx, c[:, 1] + cell.nucleus_dy, c[:, 2], c[:, 3], view.px)
     chromatin = cell.chromatin_amount * np.clip(1.0 + texture - _texture_offset(texture, nucleus, cell), 0.12, None)
-    region = dens[:, i0:i1, j0:j1]
-    eosin, azure, baso = cell.cyto
     g = cell.granules
-    granules = _blob_field(xs, ys, g[:, 0], g[:, 1], g[:, 2], g[:, 3], view.px) if len(g) else 0.0
+    granules = _blob_field(xs, ys, g[:, 0], g[:, 1], g[:, 2], g[:, 3], view.px) if len(g) else np.float32(0.0)
+    seen = (slice(vi0 - i0, vi1 - i0), slice(vj0 - j0, vj1 - j0))
+    cell_cover, nucleus, chromatin = cell_cover[seen], nucleus[seen], chromatin[seen]
+    granules = granules[seen] if np.ndim(granules) else granules
+    cyto = cell_cover - nucleus
+    region = dens[:, vi0:vi1, vj0:vj1]
+    eosin, azure, baso = cell.cyto
     region[EOSIN] += cyto * eosin
     region[AZURE] += cyto * (azure + granules) + nucleus * chromatin
     region[BASO] += cyto * baso
-    np.maximum(cover_all[i0:i1, j0:j1], cell_cover, out=cover_all[i0:i1, j0:j1])
+    np.maximum(cover_all[vi0:vi1, vj0:vj1], cell_cover, out=cover_all[vi0:vi1, vj0:vj1])
 
 
 def render_view(slide: Slide, view: View, look: Look, rng: np.random.Generator) -> np.ndarray:
@@ -241,7 +251,7 @@ def blast_centres(slide: Slide, view: View) -> list[tuple[int, int]]:
 
 
 def render_smear(
-    rng: np.random.Generator, width: int, height: int, label: int, *, blasts_per_field: float = 3.5
+    rng: np.random.Generator, width: int, height: int, label: int, *, blasts_per_field: float = BLASTS_PER_FIELD
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """One ALL_IDB1-like smear: uint8 (height, width, 3) and the blast centres (x, y) in pixels.
 
@@ -254,7 +264,9 @@ def render_smear(
     return render_view(slide, view, look_from(appearance, view), rng), blast_centres(slide, view)
 
 
-def render_cell_crop(rng: np.random.Generator, size: int, label: int, *, blasts_per_field: float = 3.5) -> np.ndarray:
+def render_cell_crop(
+    rng: np.random.Generator, size: int, label: int, *, blasts_per_field: float = BLASTS_PER_FIELD
+) -> np.ndarray:
     """One ALL_IDB2-like crop: uint8 (size, size, 3) centred on a blast (label 1) or a
     lymphocyte (label 0), cut from a freshly drawn smear of the same class."""
     view = field_view(320, 240)

@@ -123,7 +123,7 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(ENSEMBLE_RUNS, ("evaluation",), True, "each dataset's ensemble runs, comma-separated"),
     Tag(MEMBER_RUNS, ("evaluation",), True, "each dataset's member runs, comma-separated"),
     Tag(BASELINE_MODEL, ("baseline",), True, "the baseline's scikit-learn estimator (random_forest or logistic)"),
-    Tag(BASELINE_RUN, ("evaluation",), False, "each dataset's baseline run (once the evaluation reads baselines)"),
+    Tag(BASELINE_RUN, ("evaluation",), False, "each dataset's baseline runs, comma-separated"),
 )
 
 

@@ -71,6 +71,12 @@ def retry(fn: Callable[..., R], *args: Any, attempts: int = 10, base_delay: floa
     raise AssertionError("unreachable")
 
 
+#: The experiment tag that makes MLflow's UI open an experiment on its training runs (without it,
+#: MLflow 3 may open the GenAI view, "Traces").
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
 def client(uri: str):  # type: ignore[no-untyped-def]
     from mlflow import MlflowClient
 
@@ -90,9 +96,12 @@ def init_store(uri: str, experiments: list[str], store_dir: Path | str) -> dict[
         found = retry(c.get_experiment_by_name, name)
         if found is None:
             location = (Path(store_dir) / ARTIFACTS_FOLDER / name).resolve().as_uri() if uri.startswith("sqlite:") else None
-            ids[name] = retry(c.create_experiment, name, artifact_location=location)
+            ids[name] = retry(c.create_experiment, name, artifact_location=location,
+                              tags={EXPERIMENT_KIND: MODEL_TRAINING})  # fmt: skip
         else:
             ids[name] = found.experiment_id
+            if EXPERIMENT_KIND not in found.tags:
+                retry(c.set_experiment_tag, ids[name], EXPERIMENT_KIND, MODEL_TRAINING)
     return ids
 
 

@@ -325,7 +325,7 @@ def test_fold_ids_returns_lists_and_refuses_a_missing_fold():
     split = split_of(fake_rows(20, 20), "kfold", n_folds=3, n_repeats=2)
     parts = fold_ids(split, 4)
     assert parts == {name: split["folds"][4][name] for name in ("train", "val", "test")}
-    with pytest.raises(AllfuseError, match=r"split\.fold.*6.*folds 0-5"):
+    with pytest.raises(AllfuseError, match=r"fold 6 was asked for.*folds 0-5"):
         fold_ids(split, 6)
     with pytest.raises(AllfuseError, match=r"fold 0 only"):
         fold_ids(split_of(fake_rows(20, 20)), 1)

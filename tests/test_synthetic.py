@@ -223,6 +223,33 @@ def test_mean_colour_is_no_shortcut_but_morphology_is_learnable(demo: Demo) -> N
     assert _cv_accuracy(forest, features, labels) > 0.75
 
 
+def _blob_features(image: np.ndarray, size: int = 64) -> np.ndarray:
+    """Dark (nuclear) blobs of a smear shrunk to ``size`` pixels: log count, log mean and log
+    largest area, and the dark-pixel fraction (the amount of nuclear stain)."""
+    from scipy import ndimage
+
+    small = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS), dtype=np.float64)
+    green_od = -np.log(np.clip(small[..., 1] / np.percentile(small[..., 1], 95), 1e-3, 1.0))
+    labels, n = ndimage.label(green_od > 0.8)
+    areas = np.bincount(labels.ravel())[1:] if n else np.zeros(1)
+    return np.array([np.log1p(n), np.log1p(areas.mean()), np.log1p(areas.max()), (green_od > 0.8).mean()])
+
+
+def test_whole_smears_differ_in_cell_size_visible_at_low_resolution(demo: Demo) -> None:
+    # The models see a whole smear shrunk to 128 px (and less): the class must survive that as
+    # coarse morphology (few large blasts vs many small lymphocytes), even at 64 px, while the
+    # amount of nuclear stain, like the mean colour, gives nothing away.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.array([label for label, _ in demo.smears.values()])
+    features = np.array([_blob_features(image) for _, image in demo.smears.values()])
+    logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    assert _cv_accuracy(logistic, features, labels) > 0.95
+    assert _cv_accuracy(logistic, features[:, 3:], labels) < 0.65
+
+
 def _archive_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 

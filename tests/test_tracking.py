@@ -38,6 +38,7 @@ def test_init_store_is_idempotent_and_puts_artifacts_under_the_store(tmp_path, s
     assert again == store
     exp = tracking.client(store.uri).get_experiment(store.experiment_id)
     assert exp.artifact_location == (tmp_path / "mlflow/artifacts/unit").resolve().as_uri()
+    assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"  # the UI opens on training runs
     assert tracking.experiment_id(store.uri, "unit") == store.experiment_id
     with pytest.raises(LookupError, match="init_tracking"):
         tracking.experiment_id(store.uri, "never-made")

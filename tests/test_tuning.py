@@ -138,7 +138,7 @@ class FakeTrainer:
         return SimpleNamespace(history=history, best_epoch=epochs, model=None)
 
 
-def study_trials(db: Path, name: str = "ALL_IDB2-mobilenetv2"):
+def study_trials(db: Path, name: str = "ALL_IDB2-fold0-mobilenetv2"):
     import optuna
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
@@ -200,7 +200,7 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path, make_job):
     best = read_json(job.out_best)
     assert best == record
     assert best["params"] == {"learning_rate": 10**-2.5, "gru_units": 8}
-    assert best["trial"] == 0 and best["objective"] == "val_loss" and best["study"] == "ALL_IDB2-mobilenetv2"
+    assert best["trial"] == 0 and best["objective"] == "val_loss" and best["study"] == "ALL_IDB2-fold0-mobilenetv2"
     assert best["direction"] == "minimize"
     assert best["value"] == pytest.approx(0.1 / 3)
     assert best["n_complete"] + best["n_pruned"] == 4
