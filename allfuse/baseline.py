@@ -37,9 +37,9 @@ from allfuse import tags as T
 from allfuse.errors import DataError
 from allfuse.files import PathLike, read_json, sha256_file
 from allfuse.members import summary_metrics
-from allfuse.predictions import PREDICTIONS_FILE, Predictions, prediction_rows, read_predictions, write_predictions
+from allfuse.predictions import Predictions, prediction_rows, read_predictions, record_and_predictions, write_predictions
 from allfuse.settings import BaselineSettings, EvaluationSettings
-from allfuse.stages import SplitFacts, StageContext, StageRun, read_record, run_name, stage_run
+from allfuse.stages import SplitFacts, StageContext, StageRun, run_name, stage_run
 from allfuse.training_data import ImageData, load_image_data
 
 log = logging.getLogger(__name__)
@@ -289,11 +289,7 @@ def _fit(job: BaselineJob, facts: SplitFacts, stage: StageRun) -> None:
 
 def load_baseline(run_file: PathLike) -> BaselineResult:
     """A baseline from its ``run.json`` (dataset, model, seed, run_id) and the predictions beside it."""
-    record = read_record(run_file, "train_baseline")
-    missing = [k for k in ("dataset", "model", "seed") if k not in record]
-    if missing:
-        raise DataError(f"{run_file}: the run record lacks {', '.join(missing)}; delete it and rerun rule train_baseline")
-    path = Path(run_file).parent / str(record.get("predictions", PREDICTIONS_FILE))
+    record, path = record_and_predictions(run_file, "train_baseline", ("dataset", "model", "seed"))
     return BaselineResult(str(record["dataset"]), str(record["model"]), int(record["seed"]),
                           str(record.get("run_id") or ""), read_predictions(path), str(path),
                           int(record.get("fold", 0)))  # fmt: skip

@@ -314,8 +314,9 @@ class FusionResult:
     fold: int = 0
 
 
-def _beside(run_file: PathLike, producer: str, keys: Sequence[str]) -> tuple[dict[str, Any], Path]:
-    """A run record naming ``keys`` and the predictions file it names (default: beside it)."""
+def record_and_predictions(run_file: PathLike, producer: str, keys: Sequence[str]) -> tuple[dict[str, Any], Path]:
+    """A stage's run record (checked to name ``keys``) and the path of the predictions file it
+    names (default: predictions.csv beside it); every result loader reads records this way."""
     record = read_record(run_file, producer)
     missing = [k for k in keys if k not in record]
     if missing:
@@ -325,7 +326,7 @@ def _beside(run_file: PathLike, producer: str, keys: Sequence[str]) -> tuple[dic
 
 def load_member(run_file: PathLike) -> MemberResult:
     """A member from its ``run.json`` (dataset, backbone, seed, run_id) and predictions."""
-    record, path = _beside(run_file, "train_member", ("dataset", "backbone", "seed"))
+    record, path = record_and_predictions(run_file, "train_member", ("dataset", "backbone", "seed"))
     return MemberResult(str(record["dataset"]), str(record["backbone"]), int(record["seed"]),
                         str(record.get("run_id") or ""), read_predictions(path), str(path),
                         int(record.get("fold", 0)))  # fmt: skip
@@ -333,7 +334,7 @@ def load_member(run_file: PathLike) -> MemberResult:
 
 def load_ensemble(run_file: PathLike) -> EnsembleResult:
     """An ensemble from its ``run.json`` (dataset, backbone, run_id) and predictions."""
-    record, path = _beside(run_file, "aggregate_ensemble", ("dataset", "backbone"))
+    record, path = record_and_predictions(run_file, "aggregate_ensemble", ("dataset", "backbone"))
     return EnsembleResult(str(record["dataset"]), str(record["backbone"]), str(record.get("run_id") or ""),
                           read_predictions(path, uncertainty=True), str(path), int(record.get("fold", 0)),
                           tuple(int(x) for x in record.get("seeds", ())))  # fmt: skip
@@ -341,6 +342,6 @@ def load_ensemble(run_file: PathLike) -> EnsembleResult:
 
 def load_fusion(run_file: PathLike) -> FusionResult:
     """A dataset's fusion from its ``run.json`` (dataset, run_id) and predictions."""
-    record, path = _beside(run_file, "fuse_predictions", ("dataset",))
+    record, path = record_and_predictions(run_file, "fuse_predictions", ("dataset",))
     return FusionResult(str(record["dataset"]), str(record.get("run_id") or ""), read_fusion(path), str(path),
                         int(record.get("fold", 0)))  # fmt: skip
