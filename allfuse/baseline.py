@@ -267,7 +267,7 @@ def _fit(job: BaselineJob, facts: SplitFacts, stage: StageRun) -> None:
     """The baseline's own work inside its stage run: params, data, fit, predictions, metrics."""
     s, o = job.settings, job.outputs
     stage.run.log_params({**s.as_params(), "fold": job.fold, "n_features": n_features(s)})
-    stage.run.log_dataset(name=f"{job.dataset}-split", digest=sha256_file(job.split), source=job.split,
+    stage.run.log_dataset(name=f"{job.dataset}-fold{job.fold}-split", digest=sha256_file(job.split), source=job.split,
                           context="training",
                           profile={"protocol": facts.protocol, "seed": facts.seed, "fold": job.fold})  # fmt: skip
     data = load_image_data(job.data["manifest"], job.data["images"], job.split, job.fold, ("train", "val", "test"))

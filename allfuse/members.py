@@ -152,7 +152,7 @@ def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session:
     """The member's own work inside its stage run (see the module docstring)."""
     stage.run.log_params({**settings.as_params(), "seed": job.seed, "fold": job.fold,
                           "deterministic": session.deterministic})  # fmt: skip
-    stage.run.log_dataset(name=f"{job.dataset}-split", digest=sha256_file(job.split), source=job.split,
+    stage.run.log_dataset(name=f"{job.dataset}-fold{job.fold}-split", digest=sha256_file(job.split), source=job.split,
                           context="training",
                           profile={"protocol": facts.protocol, "seed": facts.seed, "fold": job.fold})  # fmt: skip
     data = load_training_data(settings.mode, job.data, job.split, job.fold)

@@ -53,8 +53,11 @@ def resolve_uri(uri: str | None, store_dir: Path | str) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
+    """A sqlite lock, or two jobs inserting the same dataset input at once (MLflow looks an existing
+    dataset up before inserting it, so the loser of that race succeeds when it tries again)."""
     text = str(exc).lower()
-    return "database is locked" in text or "database table is locked" in text or "busy" in text
+    return ("database is locked" in text or "database table is locked" in text or "busy" in text
+            or "unique constraint failed: datasets" in text)  # fmt: skip
 
 
 def retry(fn: Callable[..., R], *args: Any, attempts: int = 10, base_delay: float = 0.2, **kwargs: Any) -> R:

@@ -221,7 +221,7 @@ def test_member_run_holds_the_full_provenance(head_member):
     # The split as an MLflow dataset input.
     datasets = run.inputs.dataset_inputs
     assert len(datasets) == 1
-    assert datasets[0].dataset.name == "ALL_IDB2-split"
+    assert datasets[0].dataset.name == "ALL_IDB2-fold0-split"
     assert datasets[0].dataset.digest == sha256_file(inputs["split"])[:36]
     assert json.loads(datasets[0].dataset.profile) == {"fold": 0, "protocol": "paper", "seed": 42}
     assert {t.key: t.value for t in datasets[0].tags}["mlflow.data.context"] == "training"

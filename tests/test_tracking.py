@@ -101,6 +101,14 @@ def test_retry_retries_only_transient_errors():
     assert calls["n"] == 3
     with pytest.raises(ValueError):
         tracking.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), base_delay=0.001)
+    # Two jobs inserting the same dataset input at once: the loser finds it on its next try.
+    race = iter([RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                              "datasets.name, datasets.digest")])  # fmt: skip
+    assert tracking.retry(lambda: (_ for _ in ()).throw(next(race)) if race.__length_hint__() else "linked",
+                          base_delay=0.001) == "linked"  # fmt: skip
+    with pytest.raises(RuntimeError, match="UNIQUE constraint failed: runs"):
+        tracking.retry(lambda: (_ for _ in ()).throw(RuntimeError("UNIQUE constraint failed: runs.run_uuid")),
+                       base_delay=0.001)  # fmt: skip
 
 
 def test_eight_processes_log_at_once_to_one_store(store, tmp_path):
