@@ -189,7 +189,8 @@ def metrics_rows(
     averaged = {e.backbone: e.seeds for e in ensembles}
     for m in members:
         add(m.backbone, "member", m.seed, None, m.predictions, m.run_id)
-        rows[-1]["in_ensemble"] = int(m.seed in averaged.get(m.backbone, (m.seed,)) or not averaged.get(m.backbone))
+        seeds = averaged.get(m.backbone)  # empty for a record written before ensembles listed seeds
+        rows[-1]["in_ensemble"] = int(not seeds or m.seed in seeds)
     for b in baselines:
         add(b.model, "baseline", None, None, b.predictions, b.run_id)
     for e in ensembles:

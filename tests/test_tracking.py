@@ -102,10 +102,16 @@ def test_retry_retries_only_transient_errors():
     with pytest.raises(ValueError):
         tracking.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), base_delay=0.001)
     # Two jobs inserting the same dataset input at once: the loser finds it on its next try.
-    race = iter([RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
-                              "datasets.name, datasets.digest")])  # fmt: skip
-    assert tracking.retry(lambda: (_ for _ in ()).throw(next(race)) if race.__length_hint__() else "linked",
-                          base_delay=0.001) == "linked"  # fmt: skip
+    tries = {"n": 0}
+
+    def lost_the_race():
+        tries["n"] += 1
+        if tries["n"] == 1:
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                               "datasets.name, datasets.digest")
+        return "linked"
+
+    assert tracking.retry(lost_the_race, base_delay=0.001) == "linked" and tries["n"] == 2
     with pytest.raises(RuntimeError, match="UNIQUE constraint failed: runs"):
         tracking.retry(lambda: (_ for _ in ()).throw(RuntimeError("UNIQUE constraint failed: runs.run_uuid")),
                        base_delay=0.001)  # fmt: skip
