@@ -594,15 +594,13 @@ def pooled_rows(members: Sequence[MemberResult], ensembles: Sequence[EnsembleRes
     for (model, level, seed, rule), parts in _model_keys(members, ensembles, fusions, baselines).items():
         if len(parts) != n_folds:
             raise DataError(f"evaluation: {model} {level} {seed or ''} has {len(parts)} of {n_folds} folds")
-        tests = [(fold, pred.subset("test")) for fold, pred in sorted(parts, key=lambda p: p[0])]
-        labels = np.concatenate([t.label for _, t in tests])
-        probs = np.concatenate([t.probs for _, t in tests])
-        strata = np.concatenate([np.full(len(t), fold) for fold, t in tests])
+        pooled, strata = comparisons.pool_folds(dict(parts))
+        test = pooled.subset("test")
         accs = [float(r["accuracy"]) for r in fold_rows
                 if (r["model"], r["level"], r["seed"], r["rule"]) == (model, level, seed, rule)]  # fmt: skip
         first = fold_rows[0]
         out.append({"dataset": first["dataset"], "model": model, "level": level, "seed": seed, "rule": rule,
-                    "fold": POOLED, **score(labels, probs, evaluation, strata), **fold_spread(accs),
+                    "fold": POOLED, **score(test.label, test.probs, evaluation, strata), **fold_spread(accs),
                     "mlflow_run_id": "", "synthetic": first["synthetic"]})  # fmt: skip
     return out
 
