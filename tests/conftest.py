@@ -11,12 +11,14 @@
 - ``cpu_only``: the one GPU-count control: no GPU, no preset CUDA_VISIBLE_DEVICES or tracking URI.
 - ``mlflow_store``: one sqlite MLflow store per session; ``mlflow_store.experiment(name)`` gives a
   fresh experiment in it (a StoreInfo).
-- ``smk``: run the repository's Snakefile on a working directory, and parse its job counts.
+- ``smk``: run the repository's Snakefile on a working directory (``run``, ``run_checked``,
+  ``scheduled``), parse its job counts, and ``smk.micro()``: a copy of the micro end-to-end config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import tarfile
@@ -303,6 +305,36 @@ def mlflow_store(tmp_path_factory):
     return SimpleNamespace(uri=uri, root=root, experiment=experiment)
 
 
+#: The micro end-to-end config: the whole DAG (one dataset, three backbones, two seeds, a 2-trial
+#: study) in a few minutes on 2 cores. Tests copy it (``copy.deepcopy``) before changing it.
+MICRO_CONFIG = {
+    "datasets": ["ALL_IDB2"],
+    "data": {"image_size": 48},
+    "demo": {
+        "idb1_all": 3,
+        "idb1_healthy": 3,
+        "idb1_width": 96,
+        "idb1_height": 72,
+        "idb2_per_class": 20,
+        "idb2_size": 48,
+    },
+    # Ten epochs, no early stop: a member is still training when the kill test sees its first epoch.
+    "hybrid": {"gru_units": 8, "dense_units": 8, "batch_size": 16, "epochs": 10, "patience": 10, "augment_views": 1},
+    "backbones": {
+        "inceptionv3": {"input_size": 75},
+        "efficientnetb3": {"input_size": 32},
+        "mobilenetv2": {"input_size": 32},
+    },
+    "ensemble": {"seeds": [1, 2]},
+    "tune": {
+        "n_trials": 2,
+        "epochs": 2,
+        "search_space": {"learning_rate": {"low": 0.0005, "high": 0.005, "log": True}},
+    },
+    "evaluation": {"n_bootstrap": 100, "ece_bins": 5},
+}
+
+
 def job_counts(output: str) -> dict[str, int]:
     """Jobs by rule from Snakemake's 'Job stats' table ({} when nothing is to be done)."""
     if "Job stats:" not in output:
@@ -337,7 +369,21 @@ def smk():
             capture_output=True, text=True, timeout=timeout, env={**os.environ, "ALLFUSE_GPU_JOBS": "0"},
         )  # fmt: skip
 
-    return SimpleNamespace(exe=exe, repo=REPO, write_config=write_config, run=run, job_counts=job_counts)
+    def run_checked(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        """``run``, raising AssertionError with Snakemake's output and the last job logs on failure."""
+        out = run(workdir, *args, timeout=timeout)
+        if out.returncode != 0:
+            logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))[-5:])
+            raise AssertionError(f"snakemake {args} failed:\n{out.stderr[-6000:]}\n{logs}")
+        return out
+
+    def scheduled(workdir: Path, *args: str) -> dict[str, int]:
+        """Jobs a dry run would run, by rule ({} when nothing is to be done)."""
+        out = run_checked(workdir, "-n", *args)
+        return job_counts(out.stdout + out.stderr)
+
+    return SimpleNamespace(exe=exe, repo=REPO, write_config=write_config, run=run, run_checked=run_checked,
+                           scheduled=scheduled, job_counts=job_counts, micro=lambda: copy.deepcopy(MICRO_CONFIG))  # fmt: skip
 
 
 class PredictionTree:

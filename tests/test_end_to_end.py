@@ -32,51 +32,21 @@ import yaml
 
 from allfuse import tags as T
 from allfuse import tracking
+from conftest import MICRO_CONFIG
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 
-MICRO = {
-    "datasets": ["ALL_IDB2"],
-    "data": {"image_size": 48},
-    "demo": {
-        "idb1_all": 3,
-        "idb1_healthy": 3,
-        "idb1_width": 96,
-        "idb1_height": 72,
-        "idb2_per_class": 20,
-        "idb2_size": 48,
-    },
-    # Ten epochs, no early stop: a member is still training when the kill test sees its first epoch.
-    "hybrid": {"gru_units": 8, "dense_units": 8, "batch_size": 16, "epochs": 10, "patience": 10, "augment_views": 1},
-    "backbones": {
-        "inceptionv3": {"input_size": 75},
-        "efficientnetb3": {"input_size": 32},
-        "mobilenetv2": {"input_size": 32},
-    },
-    "ensemble": {"seeds": [1, 2]},
-    "tune": {
-        "n_trials": 2,
-        "epochs": 2,
-        "search_space": {"learning_rate": {"low": 0.0005, "high": 0.005, "log": True}},
-    },
-    "evaluation": {"n_bootstrap": 100, "ece_bins": 5},
-}
+MICRO = MICRO_CONFIG
 
 
 def run_dag(smk, workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = smk.run(workdir, *args)
-    if check and out.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))[-5:])
-        raise AssertionError(f"snakemake {args} failed:\n{out.stderr[-6000:]}\n{logs}")
-    return out
+    return smk.run_checked(workdir, *args) if check else smk.run(workdir, *args)
 
 
 def scheduled(smk, workdir: Path) -> dict[str, int]:
-    """Jobs a dry run would run, by rule ({} when nothing is to be done)."""
-    out = run_dag(smk, workdir, "-n")
-    return smk.job_counts(out.stdout + out.stderr)
+    return smk.scheduled(workdir)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
