@@ -33,7 +33,7 @@ import numpy as np
 
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
 from allfuse.data import SYNTHETIC_MARKER, find_duplicates, label_counts, summarise_rows
-from allfuse.errors import DataError
+from allfuse.errors import DataError, IntermediateError
 from allfuse.files import sha256_array, sha256_bytes
 from allfuse.settings import ARCHIVES
 
@@ -181,21 +181,31 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
 
 
 def ingest_archive(
-    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int
+    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, made_by: str | None = None
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Validate dataset ``which`` of an archive and build its image cache.
 
     Returns the manifest rows (sorted by ``image_id``) and a uint8 array (N, S, S, 3) with
     S = ``image_size`` pixels, whose row i is the image of manifest row i, resized from its
     original size with Lanczos filtering. Raises ``DataError`` listing every problem when the
-    archive is unusable; warnings go to the ``allfuse.ingest`` logger.
+    archive is unusable; warnings go to the ``allfuse.ingest`` logger. An archive the workflow
+    made itself (the demo's, by rule ``made_by``) is an intermediate: a damaged one is one
+    ``IntermediateError`` line naming that rule.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    with open_archive(path) as archive:
-        scan, images = _scan(archive, which, max_pixels, image_size=image_size)
+    try:
+        with open_archive(path) as archive:
+            scan, images = _scan(archive, which, max_pixels, image_size=image_size)
+    except DataError as exc:
+        if made_by:  # the reader's first clause, without its advice for a user's archive
+            what = str(exc).splitlines()[0].split("; ")[0].removeprefix(f"{path}: ")
+            raise IntermediateError(path, made_by, f"damaged archive: {what}") from None
+        raise
     for warning in scan.warnings:
         logger.warning("%s", warning)
+    if scan.problems and made_by:
+        raise IntermediateError(path, made_by, f"{which} cannot be used", scan.problems)
     if scan.problems:
         raise DataError(
             f"{which} in {path} cannot be used: {len(scan.problems)} problem(s), nothing was written",

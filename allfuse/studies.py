@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from allfuse import tracking
 from allfuse.errors import AllfuseError
+from allfuse.files import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -197,8 +198,8 @@ def _peek_study(db_path: Path, name: str) -> tuple[str | None, int] | None:
         return attrs.get(HASH_ATTR), len(storage.get_all_trials(study_id, deepcopy=False))
     except AllfuseError:
         raise
-    except Exception as exc:  # sqlalchemy / optuna errors on a file that is not a study
-        raise AllfuseError(f"{db_path} is not a readable Optuna study ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # sqlalchemy / optuna errors on a file that is not a study (cut short, garbage)
+        raise AllfuseError(f"{db_path} is not a readable Optuna study ({describe(exc)})") from None
     finally:
         if storage is not None:
             storage.engine.dispose()

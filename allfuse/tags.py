@@ -31,6 +31,7 @@ MLFLOW_COMMIT = "mlflow.source.git.commit"
 MLFLOW_PARENT = "mlflow.parentRunId"
 HOST = "allfuse.host"
 PID = "allfuse.pid"
+AWAITS = "allfuse.awaits"
 SYNTHETIC = "allfuse.synthetic"
 DATASET = "allfuse.dataset"
 SHA256 = "allfuse.sha256."
@@ -85,14 +86,14 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(VERSION, ALL, True, "allfuse package version"),
     Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion or evaluation"),
     Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
-    Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run (a dead job's runs end KILLED when it reruns)"),
+    Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run"),
     Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
     Tag(CONFIG_SHA256, ALL, True, "sha256 of the whole resolved workflow config (the same meaning on every run)"),
     Tag(GIT_COMMIT, ALL, True, "commit of the workflow's source tree ('unknown' outside git)"),
     Tag(GIT_DIRTY, ALL, True, "true when tracked files differ from that commit"),
     Tag(MLFLOW_COMMIT, ALL, True, "the same commit, where MLflow's UI shows it"),
     Tag(HOST, ALL, True, "host the job ran on"),
-    Tag(PID, ALL, True, "process id of the job"),
+    Tag(PID, ALL, True, "process id of the job (a RUNNING run whose process is gone ends KILLED when the next stage starts)"),
     Tag(SYNTHETIC, ALL, True, "true when the data are the synthetic demo archives"),
     Tag(DATASET, ALL, True, "dataset(s) the run covers, comma-separated"),
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
@@ -114,6 +115,8 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(BEST_RUN_ID, ("study",), False, "the best trial's run"),
     Tag(BEST, ("study",), False, "the best trial's value of each tuned hyperparameter"),
     Tag(COLLAPSED, ("member",), False, "subsets predicted all one class, e.g. 'val,test' ('none'; set once trained)"),
+    Tag(AWAITS, ("ensemble",), False, "the rule that closes a run opened for later jobs (an ensemble's parent run: "
+        "aggregate_ensemble), until that rule resumes it; such a run is left RUNNING when its opener exits"),
     Tag(DROPPED, ("ensemble",), False, "seeds of collapsed members left out (ensemble.drop_collapsed), 'none'"),
     Tag(N_MEMBERS, ("ensemble",), False, "members averaged (once aggregated)"),
     Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),

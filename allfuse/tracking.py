@@ -4,8 +4,9 @@ Each job is its own process, so the fluent API's run stack cannot nest runs acro
 module uses ``MlflowClient`` explicitly: parent runs are created by one job and their ids written
 to files; children carry the ``mlflow.parentRunId`` tag. The sqlite store is created once, before
 parallel jobs (concurrent first writers race in schema creation), and transient "database is
-locked" errors are retried with backoff. A run whose process died (SIGKILL, power loss) is left
-RUNNING by MLflow; ``reap_dead_runs`` marks such runs KILLED the next time the same job starts.
+locked" errors are retried with backoff. A run whose process died (SIGKILL, power loss, a job
+killed with Snakemake) is left RUNNING by MLflow; ``reap_dead_runs`` marks every such run of the
+experiment KILLED, and every stage calls it when it starts (``allfuse.stages.open_run``).
 
 Stages do not call this module directly: ``allfuse.stages`` opens every stage's run with the tags
 of ``allfuse.tags``. Paths come from the caller (the workflow's results root), never literals.
@@ -132,7 +133,8 @@ def git_info(repo: Path | str) -> dict[str, str]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (0 or negative: no)."""
+    """Whether a process with this id runs on this host (0 or negative: no; a zombie, a process
+    that has exited but not been waited for, as an orphan may stay where nothing reaps it: no)."""
     if pid <= 0:
         return False
     try:
@@ -141,27 +143,42 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
-def reap_dead_runs(uri: str, exp_id: str, job: str, keep: str | None = None) -> list[str]:
-    """Mark KILLED the RUNNING runs of ``job`` (but ``keep``) whose process is gone from this host.
+def reap_dead_runs(uri: str, exp_id: str, keep: str | None = None, superseded: str | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment (but ``keep``) whose process is gone from
+    this host; return their ids.
 
-    Runs from other hosts are left alone (their process cannot be checked from here).
+    A run belongs to the process in its ``allfuse.pid`` tag on the host in ``allfuse.host``.
+    Left alone: runs of other hosts (their process cannot be checked from here), runs without
+    those tags (not made by allfuse), and runs tagged ``allfuse.awaits`` (opened for a later job,
+    an ensemble's parent run, whose opener exits by design) unless named ``superseded``: a new
+    run of that name, opened on this host, takes their place (init_tracking ran again).
     """
     c = client(uri)
-    runs = retry(
-        c.search_runs, [exp_id], filter_string=f"tags.`{T.JOB}` = '{job}' and attributes.status = 'RUNNING'"
-    )
+    runs = retry(c.search_runs, [exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
     reaped = []
     for run in runs:
         tags = run.data.tags
         pid = int(tags.get(T.PID, "0") or 0)
-        alive = tags.get(T.HOST) != socket.gethostname() or pid == os.getpid() or pid_alive(pid)
-        if run.info.run_id != keep and not alive:
-            retry(c.set_terminated, run.info.run_id, "KILLED")
-            reaped.append(run.info.run_id)
-            log.warning("marked run %s of %s KILLED: its process %d is gone", run.info.run_id, job, pid)
+        if tags.get(T.HOST) != socket.gethostname() or pid <= 0:
+            continue
+        if tags.get(T.AWAITS) and run.info.run_name == superseded:
+            pid = 0  # replaced: nothing will resume it
+        elif tags.get(T.AWAITS):
+            continue
+        if run.info.run_id == keep or pid == os.getpid() or pid_alive(pid):
+            continue
+        retry(c.set_terminated, run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+        why = f"its process {pid} is gone" if pid else "a new run of that name replaces it"
+        log.warning("marked run %s (%s, job %s) KILLED: %s", run.info.run_id, run.info.run_name, tags.get(T.JOB, "?"),
+                    why)  # fmt: skip
     return reaped
 
 
@@ -245,6 +262,12 @@ class Run:
         tag = InputTag(key="mlflow.data.context", value=context)
         retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
 
+    def delete_tag(self, key: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):  # already gone
+            retry(self.client.delete_tag, self.run_id, key)
+
     def set_status(self, status: str) -> None:
         """FINISHED, FAILED or KILLED end the run; RUNNING reopens it (a resumed study)."""
         if status == "RUNNING":
@@ -266,6 +289,7 @@ class NullRun:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_config(self, config: Mapping[str, Any]) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]) -> None: ...
+    def delete_tag(self, key: str) -> None: ...
     def set_status(self, status: str) -> None: ...
 
 

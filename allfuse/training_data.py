@@ -17,7 +17,6 @@ subsets asked for are opened: a study never reads the test split.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from allfuse import files
-from allfuse.errors import DataError
-from allfuse.files import read_json, sha256_array, sha256_json
+from allfuse.errors import DataError, IntermediateError
+from allfuse.files import read_record, reading, sha256_array, sha256_json
 from allfuse.settings import HybridSettings
 
 SUBSETS = ("train", "val", "test")
@@ -80,22 +79,16 @@ def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def load_features(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a subset's feature arrays written by ``save_features``; DataError naming the file."""
-    path = Path(path)
-    fix = "delete it and rerun the extract_features rule"
-    if not path.is_file():
-        raise DataError(f"feature file not found: {path} (run the extract_features rule first)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in FEATURE_ARRAYS if k not in data.files]
-            if missing:
-                raise DataError(f"feature file {path} lacks arrays {missing}; {fix}")
-            arrays = {k: data[k] for k in FEATURE_ARRAYS}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"feature file {path} is unreadable ({exc.__class__.__name__}: {exc}); {fix}") from None
+    """Read a subset's feature arrays written by ``save_features``; IntermediateError naming the file."""
+    rule = "extract_features"
+    with reading(path, rule) as p, np.load(p, allow_pickle=False) as data:
+        missing = [k for k in FEATURE_ARRAYS if k not in data.files]
+        if missing:
+            raise IntermediateError(p, rule, f"lacks arrays {missing}")
+        arrays = {k: data[k] for k in FEATURE_ARRAYS}
     m = arrays["x"].shape[0]
     if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS):
-        raise DataError(f"feature file {path} has arrays of different lengths; {fix}")
+        raise IntermediateError(p, rule, "holds arrays of different lengths")
     return arrays
 
 
@@ -106,7 +99,7 @@ def fold_subsets(split_path: str | Path, fold: int, subsets: Sequence[str]) -> d
     """The image ids of ``subsets`` in fold ``fold`` of a split file."""
     from allfuse.splits import fold_ids
 
-    ids = fold_ids(read_json(split_path), int(fold))
+    ids = fold_ids(read_record(split_path, "make_splits"), int(fold))
     return {subset: list(ids[subset]) for subset in subsets}
 
 
@@ -216,12 +209,13 @@ class ImageData:
 def load_image_data(manifest: str | Path, images: str | Path, split: str | Path, fold: int,
                     subsets: Sequence[str]) -> ImageData:  # fmt: skip
     """The image cache with the manifest rows of ``subsets``; only their ids are looked up."""
-    from allfuse.data import load_images, read_manifest
+    from allfuse.data import load_images, producer_rule, read_manifest
 
     rows = read_manifest(manifest)
     cache = load_images(images, mmap=True)
     if cache.shape[0] != len(rows):
-        raise DataError(f"{images} holds {cache.shape[0]} images but {manifest} lists {len(rows)}; rerun ingestion")
+        raise IntermediateError(images, producer_rule(images), f"holds {cache.shape[0]} images but {manifest} lists "
+                                f"{len(rows)}")  # fmt: skip
     position = {row["image_id"]: i for i, row in enumerate(rows)}
     want = fold_subsets(split, fold, subsets)
     check_ids({s: set(position) for s in subsets}, want, exact=False,

@@ -530,7 +530,7 @@ def test_read_manifest_refuses_bad_files(tmp_path, idb1_src):
     manifest = tmp_path / "d" / "manifest.csv"
     text = manifest.read_text().splitlines()
 
-    with pytest.raises(DataError, match="manifest not found"):
+    with pytest.raises(DataError, match="not found; it is written by rule ingest_archive"):
         read_manifest(tmp_path / "nothing.csv")
     manifest.write_text("\n".join([text[0].replace("label,width", "width,label")] + text[1:]) + "\n")
     with pytest.raises(DataError, match="columns"):

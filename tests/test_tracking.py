@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -63,29 +66,48 @@ def test_runs_nest_log_and_end_with_each_status(store):
     assert c.get_run(parent.run_id).info.status == "RUNNING"
 
 
-def test_dead_run_of_same_job_is_marked_killed_and_a_kept_one_is_not(store):
-    # A run whose owner process is gone (as after SIGKILL) is reaped when the same job starts again.
-    job = {T.JOB: "train_member/ALL_IDB2/mobilenetv2/1"}
+def test_dead_runs_of_any_job_are_marked_killed_but_kept_awaiting_foreign_and_live_ones(store):
+    # Runs whose owner process is gone (as after SIGKILL, or a job killed with Snakemake) are
+    # reaped when any stage starts, whichever job they belong to.
     code = textwrap.dedent(
         f"""
         import os, socket
         from allfuse import tracking
-        for name in ("doomed", "kept"):
+        mine = {{"allfuse.host": socket.gethostname(), "allfuse.pid": str(os.getpid())}}
+        tags = {{"doomed": mine, "kept": mine, "awaiting": {{**mine, "allfuse.awaits": "aggregate_ensemble"}},
+                 "foreign": {{**mine, "allfuse.host": "another-host"}}, "untagged": {{}}}}
+        for name, t in tags.items():
             run = tracking.create_run({store.uri!r}, {store.experiment_id!r}, name,
-                                      {{**{job!r}, "allfuse.host": socket.gethostname(), "allfuse.pid": str(os.getpid())}})
-            print(run.run_id)
+                                      {{**t, "allfuse.job": "train_member/ALL_IDB2/0/mobilenetv2/" + name}})
+            print(name, run.run_id)
         os._exit(0)  # dies without ending the runs, like a SIGKILLed job
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    dead_id, kept_id = out.stdout.strip().splitlines()[-2:]
+    ids = dict(line.split() for line in out.stdout.strip().splitlines()[-5:])
+    live = tracking.create_run(store.uri, store.experiment_id, "live",
+                               {T.HOST: socket.gethostname(), T.PID: str(os.getpid())})  # fmt: skip
     c = tracking.client(store.uri)
-    assert c.get_run(dead_id).info.status == "RUNNING"
-    other_job = tracking.reap_dead_runs(store.uri, store.experiment_id, "train_member/ALL_IDB2/mobilenetv2/2")
-    assert other_job == []
-    assert tracking.reap_dead_runs(store.uri, store.experiment_id, job[T.JOB], keep=kept_id) == [dead_id]
-    assert c.get_run(dead_id).info.status == "KILLED"
-    assert c.get_run(kept_id).info.status == "RUNNING"
+    assert {c.get_run(i).info.status for i in ids.values()} == {"RUNNING"}
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id, keep=ids["kept"]) == [ids["doomed"]]
+    status = {name: c.get_run(i).info.status for name, i in ids.items()} | {"live": c.get_run(live.run_id).info.status}
+    assert status == {"doomed": "KILLED", "kept": "RUNNING", "awaiting": "RUNNING", "foreign": "RUNNING",
+                      "untagged": "RUNNING", "live": "RUNNING"}  # fmt: skip
+    # A new run of the awaiting one's name (init_tracking ran again) replaces it: nothing will resume it.
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id, keep=ids["kept"], superseded="awaiting") == [
+        ids["awaiting"]
+    ]
+
+
+def test_pid_alive_says_no_for_a_zombie():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not tracking.pid_alive(proc.pid)  # exited, not yet waited for
+    proc.wait()
+    assert not tracking.pid_alive(proc.pid) and tracking.pid_alive(os.getpid())
 
 
 def test_retry_retries_only_transient_errors():
