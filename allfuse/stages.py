@@ -36,6 +36,7 @@ from allfuse import __version__, tracking
 from allfuse import tags as T
 from allfuse.errors import DataError
 from allfuse.files import PathLike, read_json, removed_on_failure, sha256_file, sha256_json, write_json
+from allfuse.gpu import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class StageContext:
             T.SYNTHETIC: str(bool(synthetic)).lower(),
             T.DATASET: dataset,
         }
+        job = slurm_job_id()
+        if job is not None:
+            out[T.SLURM_JOB] = job
         return out | {f"{T.SHA256}{name}": sha256_file(path) for name, path in inputs.items()}
 
 

@@ -31,6 +31,7 @@ MLFLOW_COMMIT = "mlflow.source.git.commit"
 MLFLOW_PARENT = "mlflow.parentRunId"
 HOST = "allfuse.host"
 PID = "allfuse.pid"
+SLURM_JOB = "allfuse.slurm_job_id"
 SYNTHETIC = "allfuse.synthetic"
 DATASET = "allfuse.dataset"
 SHA256 = "allfuse.sha256."
@@ -66,7 +67,7 @@ BASELINE_MODEL = "allfuse.baseline_model"
 BASELINE_RUN = "allfuse.baseline_run."
 
 #: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
-VOLATILE = (HOST, PID)
+VOLATILE = (HOST, PID, SLURM_JOB)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(MLFLOW_COMMIT, ALL, True, "the same commit, where MLflow's UI shows it"),
     Tag(HOST, ALL, True, "host the job ran on"),
     Tag(PID, ALL, True, "process id of the job"),
+    Tag(SLURM_JOB, ALL, False, "the Slurm job the job ran as (set only under Slurm)"),
     Tag(SYNTHETIC, ALL, True, "true when the data are the synthetic demo archives"),
     Tag(DATASET, ALL, True, "dataset(s) the run covers, comma-separated"),
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
