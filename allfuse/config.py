@@ -14,7 +14,7 @@ import copy
 import difflib
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,9 +311,8 @@ def _check_search_param(at: str, spec: Mapping[str, Any], setting: Mapping[str, 
     return problems
 
 
-def load_config(path: Path | str) -> dict[str, Any]:
-    """Read a YAML config file and validate it."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, unvalidated; ConfigError naming the file when it is not one."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -323,4 +322,29 @@ def load_config(path: Path | str) -> dict[str, Any]:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def load_config(path: Path | str) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    return validate_config(_read_yaml(Path(path)))
+
+
+def load_config_files(paths: Sequence[Path | str]) -> dict[str, Any]:
+    """The workflow config Snakemake builds from config files given in order (the Snakefile's
+    config.yaml, then each --configfile): later files override earlier ones key by key, mappings
+    recursively. Validated, defaults filled in."""
+    if not paths:
+        raise ConfigError("no config file: give one with --configfile, or run where config.yaml is")
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = _merged(config, _read_yaml(Path(path)))
     return validate_config(config)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+    return out
