@@ -175,6 +175,17 @@ def test_check_tags_names_missing_and_unlisted_tags():
     assert T.check_tags({T.LEVEL: "nonsense"})[0].startswith(f"{T.LEVEL} is 'nonsense'")
 
 
+def test_a_run_under_slurm_records_its_job_id_which_never_changes_the_run_id(monkeypatch):
+    context = StageContext("train_member", {"dataset": "ALL_IDB2", "seed": 1})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside = context.tags("member", "ALL_IDB2", True, {})
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    inside = context.tags("member", "ALL_IDB2", True, {})
+    assert T.SLURM_JOB not in outside and inside[T.SLURM_JOB] == "1234"
+    assert not [p for p in T.check_tags(inside) if T.SLURM_JOB in p]  # an optional tag of every level
+    assert tracking.run_id_seed("1", "member", outside, 0) == tracking.run_id_seed("1", "member", inside, 0)
+
+
 def test_the_architecture_document_shows_the_tag_schema():
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     assert T.schema_markdown() in text
