@@ -5,6 +5,7 @@ from pathlib import Path
 
 from allfuse import settings as afs
 from allfuse.gpu import gpu_claim, thread_share
+from allfuse.resources import job_memory_mb, job_runtime_min, shape_of
 
 # Three parallel output trees: results, one log per job, one Snakemake benchmark file per job.
 RESULTS = "results"
@@ -25,7 +26,8 @@ SEEDS = list(S.seeds)
 # wildcard of every model's path, so all folds run in one invocation.
 FOLDS = list(S.folds)
 # GPU jobs claim one unit of `--resources gpu=N` on a host with a GPU, none on a CPU-only host
-# (there they run side by side, paced by --cores and mem_mb); ALLFUSE_GPU_JOBS=1/0 overrides.
+# (there they run side by side, paced by --cores and mem_mb). On a cluster the profile asks the
+# scheduler for each GPU rule's card (profiles/slurm: `set-resources`, `gres: gpu:1`).
 GPU = gpu_claim()
 
 
@@ -191,3 +193,49 @@ def tf_threads(wildcards, threads):
     except WorkflowError:  # no --cores given (e.g. only --jobs)
         cores = None
     return thread_share(threads, cores)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Keras jobs ask a scheduler for: memory and wall time from their settings and input
+# sizes (allfuse.resources); resources, not params, so they never trigger a rerun.
+# ---------------------------------------------------------------------------------------------
+
+KERAS_RULES = {
+    "features": "extract_features",
+    "study": "tune_backbone",
+    "member": "train_member",
+}
+
+
+def with_gpu(rule):
+    """Whether a GPU rule's jobs run with a GPU: a unit of the local `gpu` resource, or a card
+    the profile asks the cluster for (`set-resources: <rule>: {gres: gpu:1}` or `{gpu: N}`)."""
+    given = workflow.resource_settings.overwrite_resources.get(rule, {})
+    asked = {name: getattr(value, "raw", value) for name, value in given.items()}
+    return "gpu" in str(asked.get("gres") or "") or int(asked.get("gpu", GPU) or 0) > 0
+
+
+def _job_shape(kind, wildcards, input):
+    study = S.study(wildcards.backbone)
+    return shape_of(
+        kind,
+        S.hybrid(wildcards.backbone),
+        dict(input.items()),
+        image_size=int(S.data["image_size"]),
+        study=study if study.n_trials > 0 else None,
+        gpu=with_gpu(KERAS_RULES[kind]),
+    )
+
+
+def memory_of(kind):
+    """Resource `mem_mb` of a Keras rule (allfuse.resources.job_memory_mb)."""
+    return lambda wildcards, input, attempt: job_memory_mb(
+        _job_shape(kind, wildcards, input), attempt
+    )
+
+
+def runtime_of(kind):
+    """Resource `runtime` (minutes) of a Keras rule (allfuse.resources.job_runtime_min)."""
+    return lambda wildcards, input, attempt: job_runtime_min(
+        _job_shape(kind, wildcards, input), attempt
+    )

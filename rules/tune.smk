@@ -22,8 +22,8 @@ rule tune_backbone:
     threads: 4
     resources:
         gpu=GPU,
-        mem_mb=4000,
-        runtime=240,
+        mem_mb=memory_of("study"),
+        runtime=runtime_of("study"),
         tf_threads=tf_threads,
     params:
         base=study_base_of,
