@@ -39,12 +39,20 @@ from allfuse.settings import HybridSettings, TuneSettings
 #: MB of a Keras job's processes before any network is built: the job's Python process with
 #: TensorFlow, Keras, MLflow and Optuna imported, and Snakemake's process running the job.
 BASE_MB = 1100.0
-#: MB a network adds once built and compiled (weights, optimizer state, traced graphs).
+#: MB a network adds when it trains (weights, optimizer state, traced training graphs).
 MODEL_MB = {"inceptionv3": 650.0, "efficientnetb3": 500.0, "mobilenetv2": 50.0}
 #: MB per image per 10^4 input pixels at the peak of fine-tuning (the paper's unfrozen layers;
-#: measured at 64-224 px, batch 8-32) and of a forward pass (feature extraction).
+#: measured at 64-224 px, batch 8-32) and of a forward pass (feature extraction; measured at
+#: 139 and 300 px, batch 32; MobileNetV2 given EfficientNetB3's rate).
 TRAIN_MB = {"inceptionv3": 14.0, "efficientnetb3": 33.0, "mobilenetv2": 20.0}
-INFER_MB = {"inceptionv3": 3.0, "efficientnetb3": 6.0, "mobilenetv2": 4.0}
+INFER_MB = {"inceptionv3": 4.0, "efficientnetb3": 4.5, "mobilenetv2": 4.5}
+#: Layers of each network without its top, and the top layers unfrozen when TRAIN_MB was
+#: measured (config.paper.yaml's unfreeze_layers). Unfreezing every layer adds ALL_LAYERS_EXTRA
+#: to the rate (measured: EfficientNetB3 at 128 px, batch 16, 2708 MB against 2178 MB), in
+#: proportion to the layers unfrozen beyond the measured ones.
+LAYERS = {"inceptionv3": 311, "efficientnetb3": 384, "mobilenetv2": 154}
+MEASURED_UNFROZEN = {"inceptionv3": 62, "efficientnetb3": 31, "mobilenetv2": 38}
+ALL_LAYERS_EXTRA = 0.6
 #: Feature extraction's batch (allfuse.features.FeatureJob.batch_size).
 EXTRACT_BATCH = 32
 #: In-memory copies of a head-mode job's feature files (float16 on disk, float32 in training).
@@ -83,7 +91,8 @@ class JobShape:
     images: images of the dataset (train, validation and test); views: training views per image
     in head mode (1 + augment_views); epochs: epochs the job trains at most (a study: trials x
     epochs per trial); trials: models a study builds; data_mb: the job's input data on disk
-    (image cache or feature files); gpu: whether the job runs with a GPU.
+    (image cache or feature files); gpu: whether the job runs with a GPU; unfrozen: top layers
+    fine-tuned (0: all; None: as many as the rates were measured with).
     """
 
     kind: Kind
@@ -97,6 +106,7 @@ class JobShape:
     trials: int = 1
     data_mb: float = 0.0
     gpu: bool = False
+    unfrozen: int | None = None
 
     @property
     def pixels(self) -> float:
@@ -110,16 +120,22 @@ def _features_mb(shape: JobShape) -> float:
     return shape.images * shape.views * h * w * c * 2 / 1e6
 
 
+def _train_rate(shape: JobShape) -> float:
+    """MB per image per 10^4 pixels of fine-tuning with ``shape.unfrozen`` top layers trained."""
+    layers, measured = LAYERS[shape.backbone], MEASURED_UNFROZEN[shape.backbone]
+    unfrozen = measured if shape.unfrozen is None else layers if shape.unfrozen == 0 else min(shape.unfrozen, layers)
+    return TRAIN_MB[shape.backbone] * (1.0 + ALL_LAYERS_EXTRA * max(0, unfrozen - measured) / (layers - measured))
+
+
 def _memory_parts(shape: JobShape) -> float:
     """The estimate before headroom, in MB."""
-    model = MODEL_MB[shape.backbone]
     if shape.kind == "features":
         work = EXTRACT_BATCH * INFER_MB[shape.backbone] * shape.pixels + 2 * _features_mb(shape) + shape.data_mb
     elif shape.mode == "finetune":
-        work = shape.batch_size * TRAIN_MB[shape.backbone] * shape.pixels + shape.data_mb
-    else:  # head training: the feature maps and a small head; the backbone is only rebuilt, not trained
+        work = MODEL_MB[shape.backbone] + shape.batch_size * _train_rate(shape) * shape.pixels + shape.data_mb
+    else:  # head training: the feature maps and a small head
         work = FEATURE_COPIES * shape.data_mb
-    total = BASE_MB + model + work
+    total = BASE_MB + work
     if shape.kind == "study":
         total *= STUDY_FACTOR
     return total + (GPU_HOST_MB if shape.gpu else 0.0)
@@ -159,12 +175,14 @@ def _size_mb(paths: Mapping[str, str]) -> float:
     return sum(os.path.getsize(p) for p in paths.values() if os.path.isfile(p)) / 1e6
 
 
-def _largest_batch(hybrid: HybridSettings, study: TuneSettings | None) -> int:
-    """The training batch, or the largest a study may try when it tunes batch_size."""
+def _largest(name: str, value: int, study: TuneSettings | None) -> int:
+    """A setting's value, or the largest a study may try when it tunes it (0 counts as largest:
+    ``unfreeze_layers: 0`` unfreezes every layer)."""
     for spec in study.search_space if study is not None else ():
-        if spec.name == "batch_size":
-            return int(max(spec.choices) if spec.kind == "categorical" else spec.high)  # type: ignore[type-var]
-    return int(hybrid.batch_size)
+        if spec.name == name:
+            values = [int(v) for v in spec.choices] if spec.kind == "categorical" else [int(spec.high)]  # type: ignore[arg-type]
+            return 0 if 0 in values and name == "unfreeze_layers" else max(values)
+    return int(value)
 
 
 def shape_of(kind: Kind, hybrid: HybridSettings, inputs: Mapping[str, str], *, image_size: int,
@@ -185,5 +203,6 @@ def shape_of(kind: Kind, hybrid: HybridSettings, inputs: Mapping[str, str], *, i
         images, views = int(data_mb * 1e6 // (h * w * c * 2)), 1
     trials = max(1, study.n_trials) if kind == "study" and study is not None else 1
     epochs = trials * study.epochs if kind == "study" and study is not None else hybrid.epochs
-    return JobShape(kind, hybrid.backbone, hybrid.mode, hybrid.input_size, _largest_batch(hybrid, study),
-                    images, views, epochs, trials, data_mb, gpu)  # fmt: skip
+    return JobShape(kind, hybrid.backbone, hybrid.mode, hybrid.input_size,
+                    _largest("batch_size", hybrid.batch_size, study), images, views, epochs, trials, data_mb, gpu,
+                    _largest("unfreeze_layers", hybrid.unfreeze_layers, study))  # fmt: skip

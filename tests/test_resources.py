@@ -51,6 +51,8 @@ def test_memory_grows_with_input_batch_training_and_trials_and_doubles_on_retry(
     assert job_memory_mb(dataclasses.replace(base, mode="head")) < mem
     assert job_memory_mb(dataclasses.replace(base, kind="study")) > mem
     assert job_memory_mb(dataclasses.replace(base, gpu=True)) > mem  # the CUDA libraries' host memory
+    fewer, every = dataclasses.replace(base, unfrozen=10), dataclasses.replace(base, unfrozen=0)
+    assert job_memory_mb(fewer) == mem < job_memory_mb(dataclasses.replace(base, unfrozen=200)) < job_memory_mb(every)
     assert job_memory_mb(base, attempt=2) >= 2 * mem - 100
     assert mem % 100 == 0
 
@@ -70,6 +72,7 @@ def test_the_shape_of_a_job_reads_image_counts_from_its_inputs(tmp_path, hybrid)
     shape = shape_of("member", settings, {"images": str(images), "manifest": "x.csv"}, image_size=40)
     assert (shape.images, shape.mode, shape.batch_size, shape.input_size) == (50, "finetune", 8, 64)
     assert shape.data_mb == pytest.approx(images.stat().st_size / 1e6)
+    assert shape.unfrozen == settings.unfreeze_layers
     missing = shape_of("member", settings, {"images": str(tmp_path / "not_yet.npy")}, image_size=40)
     assert (missing.images, missing.data_mb) == (0, 0.0)  # evaluated again once the input exists
 
