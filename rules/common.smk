@@ -208,8 +208,8 @@ KERAS_RULES = {
 
 
 def with_gpu(rule):
-    """Whether a GPU rule's jobs run with a GPU: a unit of the local `gpu` resource, or a card
-    the profile asks the cluster for (`set-resources: <rule>: {gres: gpu:1}` or `{gpu: N}`)."""
+    """Whether a GPU rule's jobs run with a GPU: a unit of the local `gpu` resource, or a
+    card the profile asks the cluster for (`set-resources: <rule>: {gres: gpu:1}`)."""
     given = workflow.resource_settings.overwrite_resources.get(rule, {})
     asked = {name: getattr(value, "raw", value) for name, value in given.items()}
     return "gpu" in str(asked.get("gres") or "") or int(asked.get("gpu", GPU) or 0) > 0
