@@ -135,11 +135,21 @@ def test_gpu_rules_asked_slurm_for_a_gpu_and_used_its_cuda_visible_devices(slurm
 
 
 def test_every_job_declared_memory_slurm_enforced_and_completed(slurm_run, slurm):
+    workdir = slurm_run[0]
     jobs = slurm_jobs(slurm)
     assert jobs
     for job, info in jobs.items():
         assert info["state"] == "COMPLETED", f"job {job} ({info['rule']}): {info['state']}"
-        assert re.fullmatch(r"\d+[MG]", info["mem"]), f"job {job} ({info['rule']}) declared no memory: {info['mem']}"
+        assert re.fullmatch(r"\d+M", info["mem"]), f"job {job} ({info['rule']}) declared no memory: {info['mem']}"
+    # Each Keras job's peak RSS (Snakemake's benchmark file of the job, sampled every 0.5 s in a
+    # job's first 30 s) sits well inside what it declared.
+    declared = {info["rule"]: int(info["mem"][:-1]) for info in jobs.values() if info["rule"] in KERAS_RULES}
+    stats = {"extract_features": "features", "tune_backbone": "tune", "train_member": "members"}
+    for rule, folder in stats.items():
+        (tsv,) = (workdir / "jobstats" / folder).rglob("*.tsv")
+        header, row = tsv.read_text().splitlines()[:2]
+        peak = float(dict(zip(header.split("\t"), row.split("\t")))["max_rss"])
+        assert 1.1 * peak <= declared[rule], f"{rule}: peak {peak:.0f} MB, declared {declared[rule]} MB"
 
 
 def test_second_invocation_schedules_nothing(slurm_run):
