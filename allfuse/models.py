@@ -174,7 +174,8 @@ def _net_with_weights(backbone: str, input_size: int, weights: str | None) -> ke
                 f"ImageNet weights for backbone '{backbone}' are not available offline: file {file_name} is missing "
                 f"(or does not match its expected hash) in {models_dir}. Either set weights: to the local path of "
                 f"{file_name} (backbones.{backbone}.weights or hybrid.weights in the config), or pre-fill the Keras "
-                f"cache $KERAS_HOME/models/{file_name} (download it from {url}), or set weights: null"
+                f"cache $KERAS_HOME/models/{file_name} (`allfuse fetch-weights` does it where downloads work; the "
+                f"file is {url}), or set weights: null"
             ) from None
     path = Path(weights).expanduser()
     if not path.is_file():
