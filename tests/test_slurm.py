@@ -152,5 +152,7 @@ def test_every_job_declared_memory_slurm_enforced_and_completed(slurm_run, slurm
         assert 1.1 * peak <= declared[rule], f"{rule}: peak {peak:.0f} MB, declared {declared[rule]} MB"
 
 
-def test_second_invocation_schedules_nothing(slurm_run):
+def test_job_states_came_from_squeue_and_a_second_invocation_schedules_nothing(slurm_run):
+    output = slurm_run[2]
+    assert "Falling back to 'sacct'" not in output and "sacct' unavailable" not in output
     assert slurm_run[3] == {}
