@@ -433,6 +433,13 @@ def referral_threshold(
     return float(values[np.flatnonzero(ok)[-1]])
 
 
+def referred(unc: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Which images go to an expert: bool (N,), uncertainty (N,) above ``threshold``; every image
+    when ``threshold`` is None (no validation threshold met the target)."""
+    u = np.asarray(unc, dtype=np.float64)
+    return np.ones(u.shape, dtype=bool) if threshold is None else u > threshold
+
+
 def apply_referral(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -448,7 +455,7 @@ def apply_referral(
     """
     correct, u = _referral_inputs(labels, probs, unc)
     n = u.shape[0]
-    retained = np.zeros(n, dtype=bool) if threshold is None else u <= threshold
+    retained = ~referred(u, threshold)
     kept = correct[retained]
     return {
         "threshold": None if threshold is None else float(threshold),

@@ -1,0 +1,91 @@
+"""The predictor as an MLflow pyfunc model: what is registered, served and loaded by ``allfuse predict``.
+
+Input: a DataFrame with one row per image and the columns
+
+- ``image``: the bytes of an image file (JPEG, TIFF, PNG or BMP); over HTTP (``mlflow models
+  serve``) a base64 string, which MLflow decodes because the signature types the column binary;
+- ``pixels``: instead of ``image``, an RGB array (height, width, 3) of 0-255 integers (nested lists
+  in JSON);
+- ``image_id`` (optional): a name echoed in the output.
+
+Output: one row per input row with :data:`allfuse.predictor.OUTPUT_COLUMNS`: ``p_all``, ``label``
+(1 ALL, 0 healthy, -1 unreadable), ``predictive_entropy`` and ``mutual_information`` (nats),
+``referred`` (to an expert), ``model_version`` and ``error`` (empty, or why the image could not
+be read; the other rows are predicted all the same).
+
+The model is saved "from code": MLflow runs :mod:`allfuse.pyfunc_entry` when it loads it, which
+builds a :class:`PyfuncModel`; no pickled object is stored. The predictor folder travels as the
+artifact ``predictor``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from allfuse.predictor import OUTPUT_COLUMNS, FusedEnsemble, predict_rows
+
+#: The artifact key under which the predictor folder travels with the MLflow model.
+ARTIFACT = "predictor"
+#: The file MLflow runs to build the model (models from code).
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+
+
+class PyfuncModel(mlflow.pyfunc.PythonModel):
+    """The fused ensemble behind MLflow's pyfunc interface (see the module docstring)."""
+
+    ensemble: FusedEnsemble | None = None
+
+    def load_context(self, context: Any) -> None:
+        self.ensemble = FusedEnsemble.load(context.artifacts[ARTIFACT])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        import pandas as pd
+
+        if self.ensemble is None:
+            self.load_context(context)
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        rows = predict_rows(self.ensemble, frame.to_dict("records"))
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def signature() -> Any:
+    """The model signature: optional ``image_id`` (string), ``image`` (binary) and ``pixels``
+    (array of arrays of arrays of integers) in; the prediction columns out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec(DataType.string, "image_id", required=False),
+        ColSpec(DataType.binary, "image", required=False),
+        ColSpec(Array(Array(Array(DataType.long))), "pixels", required=False),
+    ])  # fmt: skip
+    types = {"image_id": DataType.string, "p_all": DataType.double, "label": DataType.long,
+             "predictive_entropy": DataType.double, "mutual_information": DataType.double,
+             "referred": DataType.boolean, "model_version": DataType.string, "error": DataType.string}  # fmt: skip
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(types[c], c) for c in OUTPUT_COLUMNS]))
+
+
+def input_example() -> Any:
+    """One small grey PNG as the model's input example (MLflow runs the model on it once when
+    the model is logged, so a broken package fails there, not in production)."""
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).save(buffer, format="PNG")
+    return pd.DataFrame({"image_id": ["example.png"], "image": [buffer.getvalue()]})
+
+
+def pip_requirements() -> list[str]:
+    """What the served model imports, at the versions that packaged it (``--env-manager local``
+    serves from the installed allfuse environment)."""
+    from importlib import metadata
+
+    names = ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow", "scikit-learn")
+    return [f"{name}=={metadata.version(name)}" for name in names]
