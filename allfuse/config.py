@@ -204,7 +204,7 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
 
 def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     """Cross-key rules a JSON schema cannot express; ConfigError with one line per problem."""
-    problems = _check_input_sizes(config, schema) + _check_search_spaces_used(config)
+    problems = _check_input_sizes(config, schema) + _check_search_spaces_used(config) + _check_package_fold(config)
     spaces = {"tune.search_space": config["tune"]["search_space"]}
     for name, block in config["backbones"].items():
         if "search_space" in block:
@@ -235,6 +235,16 @@ def _check_input_sizes(config: Mapping[str, Any], schema: Mapping[str, Any]) -> 
                 f"({minimum} px), which inherits it: set backbones.{backbone}.input_size >= {minimum}"
             )
     return problems
+
+
+def _check_package_fold(config: Mapping[str, Any]) -> list[str]:
+    """The packaged fold must be one the split makes."""
+    split = config["split"]
+    n_folds = int(split["n_folds"]) * int(split["n_repeats"]) if split["protocol"] == "kfold" else 1
+    fold = int(config["package"]["fold"])
+    if fold < n_folds:
+        return []
+    return [f"config key 'package.fold' is {fold}, but split protocol '{split['protocol']}' makes folds 0..{n_folds - 1}"]
 
 
 def _check_search_spaces_used(config: Mapping[str, Any]) -> list[str]:

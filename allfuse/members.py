@@ -186,6 +186,6 @@ def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session:
         dataset=job.dataset, backbone=job.backbone, seed=job.seed, fold=job.fold, device=session.device,
         mode=settings.mode, deterministic=session.deterministic, best_epoch=result.best_epoch,
         train_seconds=round(seconds, 3), tf_threads=session.tf_threads, hyperparameters=settings.as_params(),
-        predictions=Path(o.predictions).name, collapsed=collapsed,
+        predictions=Path(o.predictions).name, model=Path(o.model).name, collapsed=collapsed,
         model_uri=logged.model_uri if logged is not None else None,
     )  # fmt: skip

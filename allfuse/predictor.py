@@ -87,7 +87,9 @@ class PredictorSpec:
     ``weighted_sum`` with its validation ``weights``); ``referral`` holds ``uncertainty``
     (predictive_entropy or mutual_information), ``threshold`` (None: refer everything) and
     ``target_accuracy``; ``image_size`` and ``max_pixels`` are the ingestion's. ``model_version``
-    is ``<registered name>/<version>`` once registered. ``provenance`` names the runs it came from.
+    is ``<registered name>/<version>`` once registered. ``tf_threads`` is the TensorFlow thread
+    count the run's members predicted with (on a CPU, results are bit-identical only for the same
+    count; :func:`prediction_threads`). ``provenance`` names the runs it came from.
     """
 
     dataset: str
@@ -100,6 +102,7 @@ class PredictorSpec:
     weights: Mapping[str, float] | None = None
     stacked: Mapping[str, Any] | None = None
     model_version: str = ""
+    tf_threads: int | None = None
     synthetic: bool = False
     provenance: Mapping[str, Any] = field(default_factory=dict)
     allfuse_version: str = __version__
@@ -157,6 +160,31 @@ def combine(spec: PredictorSpec, member_probs: Mapping[str, np.ndarray]) -> dict
     }
 
 
+#: Environment variable that sets the TensorFlow threads a loaded predictor computes with.
+THREADS_VARIABLE = "ALLFUSE_THREADS"
+
+
+def prediction_threads(spec: PredictorSpec) -> int | None:
+    """TensorFlow intra-op threads for prediction: ``ALLFUSE_THREADS`` when set, else the run's own
+    count, so a CPU gives the run's numbers (more threads are faster and differ in the last bits)."""
+    import os
+
+    given = os.environ.get(THREADS_VARIABLE, "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise AllfuseError(f"{THREADS_VARIABLE}={given!r}: give a positive number of threads")
+        return int(given)
+    return spec.tf_threads
+
+
+class _NoRetracingNote(logging.Filter):
+    """A predictor holds many Keras models, each with its own compiled predict function, which
+    TensorFlow reports as "retracing"; the note is expected and says nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 class FusedEnsemble:
     """A loaded predictor folder: ``predict(images)`` on uint8 images at ``spec.image_size``."""
 
@@ -166,13 +194,16 @@ class FusedEnsemble:
         self.members = {name: list(models) for name, models in members.items()}
 
     @classmethod
-    def load(cls, folder: PathLike, where: str | None = None) -> FusedEnsemble:
-        """Read the spec (refusing another allfuse version), then every Keras model of the folder."""
+    def load(cls, folder: PathLike, where: str | None = None, backbones: Mapping[str, Any] | None = None) -> FusedEnsemble:
+        """Read the spec (refusing another allfuse version), then every Keras model of the folder;
+        ``backbones`` (name -> model) are frozen backbones already in memory, not read again."""
         import keras
 
         folder = Path(folder)
         spec = read_spec(folder, where)
-        backbones = {b.name: keras.saving.load_model(folder / b.backbone_file, compile=False)
+        logging.getLogger("tensorflow").addFilter(_NoRetracingNote())
+        given = dict(backbones or {})
+        backbones = {b.name: given.get(b.name) or keras.saving.load_model(folder / b.backbone_file, compile=False)
                      for b in spec.backbones if b.backbone_file}  # fmt: skip
         members = {b.name: [keras.saving.load_model(folder / m.file, compile=False) for m in b.members]
                    for b in spec.backbones}  # fmt: skip

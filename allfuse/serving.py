@@ -20,14 +20,17 @@ artifact ``predictor``.
 
 from __future__ import annotations
 
-import io
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
+import pandas as pd
 
-from allfuse.predictor import OUTPUT_COLUMNS, FusedEnsemble, predict_rows
+from allfuse.predictor import OUTPUT_COLUMNS, FusedEnsemble, predict_rows, prediction_threads, read_spec
+from allfuse.session import configure_threads
 
 #: The artifact key under which the predictor folder travels with the MLflow model.
 ARTIFACT = "predictor"
@@ -41,16 +44,29 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
     ensemble: FusedEnsemble | None = None
 
     def load_context(self, context: Any) -> None:
-        self.ensemble = FusedEnsemble.load(context.artifacts[ARTIFACT])
+        folder = context.artifacts[ARTIFACT]
+        # Before TensorFlow runs its first op: the thread count the run predicted with
+        # (allfuse.predictor.prediction_threads), so a CPU reproduces the run's numbers.
+        configure_threads(prediction_threads(read_spec(folder)))
+        self.ensemble = FusedEnsemble.load(folder)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import pandas as pd
-
+    # model_input typed as a DataFrame: MLflow then takes the signature from the model, not from
+    # the type hint.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if self.ensemble is None:
             self.load_context(context)
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         rows = predict_rows(self.ensemble, frame.to_dict("records"))
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def predictor_folder(model_dir: str | Path) -> Path:
+    """Where a saved pyfunc model keeps its predictor folder (MLflow names the copy itself)."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    entry = flavor.get("artifacts", {}).get(ARTIFACT, {})
+    return Path(model_dir) / str(entry.get("path", f"artifacts/{ARTIFACT}"))
 
 
 def signature() -> Any:
@@ -71,15 +87,25 @@ def signature() -> Any:
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(types[c], c) for c in OUTPUT_COLUMNS]))
 
 
-def input_example() -> Any:
-    """One small grey PNG as the model's input example (MLflow runs the model on it once when
-    the model is logged, so a broken package fails there, not in production)."""
-    import pandas as pd
-    from PIL import Image
+@contextlib.contextmanager
+def saving() -> Iterator[None]:
+    """Around saving or logging the model: MLflow's advice to add an input example is left out
+    on purpose (see :func:`model_arguments`), so its warning says nothing here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        yield
 
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).save(buffer, format="PNG")
-    return pd.DataFrame({"image_id": ["example.png"], "image": [buffer.getvalue()]})
+
+def model_arguments(folder: str | Path) -> dict[str, Any]:
+    """What ``mlflow.pyfunc.save_model`` / ``log_model`` take for the predictor folder: the code
+    entry, the folder as an artifact, the signature and the requirements.
+
+    No input example is stored: MLflow would load every Keras model of the package once more to
+    try it, and allfuse.packaging has already checked the predictor against the run's fused
+    predictions; the input format is the module docstring's (and the README's).
+    """
+    return {"python_model": str(ENTRY), "artifacts": {ARTIFACT: str(folder)}, "signature": signature(),
+            "pip_requirements": pip_requirements()}  # fmt: skip
 
 
 def pip_requirements() -> list[str]:

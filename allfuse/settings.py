@@ -40,6 +40,8 @@ OBJECTIVES: tuple[str, ...] = tuple(_PROPS["tune"]["properties"]["objective"]["e
 TUNABLE: tuple[str, ...] = tuple(_SCHEMA["$defs"]["search_space"]["propertyNames"]["enum"])
 SPLIT_PROTOCOLS: tuple[str, ...] = tuple(_PROPS["split"]["properties"]["protocol"]["enum"])
 BASELINE_MODELS: tuple[str, ...] = tuple(_PROPS["baseline"]["properties"]["model"]["enum"])
+PACKAGE_RULES: tuple[str, ...] = tuple(_PROPS["package"]["properties"]["fusion_rule"]["enum"])
+REFERRAL_UNCERTAINTIES: tuple[str, ...] = tuple(_PROPS["package"]["properties"]["referral_uncertainty"]["enum"])
 
 #: Hybrid settings that determine head mode's cached feature maps; the others (head sizes,
 #: optimiser, epochs) change without re-extracting features.
@@ -270,6 +272,27 @@ class BaselineSettings:
 
 
 @dataclass(frozen=True)
+class PackageSettings:
+    """The packaged predictor: its fusion rule, the uncertainty that decides referral, the fold
+    whose models it holds and its registered name (``{dataset}`` replaced by the dataset)."""
+
+    fusion_rule: str
+    referral_uncertainty: str
+    fold: int
+    registered_model: str
+
+    def as_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> PackageSettings:
+        return _typed(cls, values)
+
+    def registered_name(self, dataset: str) -> str:
+        return self.registered_model.replace("{dataset}", dataset)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole experiment, typed. Build it with :func:`from_config` from a validated config."""
 
@@ -286,6 +309,7 @@ class Settings:
     data: Mapping[str, Any]
     demo: Mapping[str, Any]
     baseline: BaselineSettings
+    package: PackageSettings
     config: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -351,5 +375,6 @@ def from_config(config: Mapping[str, Any]) -> Settings:
         data=copy.deepcopy(dict(config["data"])),
         demo=copy.deepcopy(dict(config["demo"])),
         baseline=BaselineSettings.from_params(config["baseline"]),
+        package=PackageSettings.from_params(config["package"]),
         config=config,
     )

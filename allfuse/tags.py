@@ -1,8 +1,8 @@
 """The MLflow tag schema: every tag an allfuse run carries, in one list.
 
 Every run belongs to one level (``LEVELS``): a trial of a study, a study, a member, the classical
-baseline, an ensemble (the parent of its members), a fusion, the evaluation. Every run carries the common tags; each
-level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
+baseline, an ensemble (the parent of its members), a fusion, the evaluation, the packaged
+predictor. Every run carries the common tags; each level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
 ``allfuse.sha256.<input>``, one tag per input file. ``check_tags`` says what a run's tags miss or
 hold beyond the schema; the tests run it on every run of a micro DAG, and docs/ARCHITECTURE.md
 shows :func:`schema_markdown`.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-LEVELS = ("trial", "study", "member", "baseline", "ensemble", "fusion", "evaluation")
+LEVELS = ("trial", "study", "member", "baseline", "ensemble", "fusion", "evaluation", "package")
 ALL = LEVELS
 
 # Common to every run.
@@ -64,6 +64,14 @@ ENSEMBLE_RUNS = "allfuse.ensemble_runs."
 # The classical baseline.
 BASELINE_MODEL = "allfuse.baseline_model"
 BASELINE_RUN = "allfuse.baseline_run."
+# The packaged predictor (run tags), and what only its registered model versions carry.
+FUSION_RULE = "allfuse.fusion_rule"
+REGISTERED_MODEL = "allfuse.registered_model"
+MODEL_VERSION = "allfuse.model_version"
+PREDICTOR_SHA256 = "allfuse.predictor_sha256"
+EVALUATION_RUN = "allfuse.evaluation_run"
+PACKAGE_RUN = "allfuse.package_run"
+REFERRAL_THRESHOLD = "allfuse.referral_threshold"
 
 #: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
 VOLATILE = (HOST, PID)
@@ -83,7 +91,7 @@ class Tag:
 _COMPUTE = ("trial", "study", "member")
 SCHEMA: tuple[Tag, ...] = (
     Tag(VERSION, ALL, True, "allfuse package version"),
-    Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion or evaluation"),
+    Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion, evaluation or package"),
     Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
     Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run (a dead job's runs end KILLED when it reruns)"),
     Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
@@ -98,7 +106,7 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
     Tag(MLFLOW_PARENT, ("trial", "member"), True, "the study (trial) or ensemble (member) run"),
     Tag(BACKBONE, ("trial", "study", "member", "ensemble"), True, "the hybrid's backbone"),
-    Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion"), True, "fold of the split file"),
+    Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion", "package"), True, "fold of the split file"),
     Tag(SEED, ("member", "baseline"), True, "the member's seed (baseline: its estimator's seed)"),
     Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
     Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
@@ -119,11 +127,15 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),
     Tag(ENSEMBLE_RUN, ("fusion",), True, "each backbone's ensemble run"),
     Tag(MEMBER_RUNS, ("fusion",), True, "each backbone's member runs, comma-separated"),
-    Tag(FUSION_RUN, ("evaluation",), True, "each dataset's fusion run"),
+    Tag(FUSION_RUN, ("evaluation", "package"), True, "each dataset's fusion run (package: the one packaged)"),
     Tag(ENSEMBLE_RUNS, ("evaluation",), True, "each dataset's ensemble runs, comma-separated"),
     Tag(MEMBER_RUNS, ("evaluation",), True, "each dataset's member runs, comma-separated"),
     Tag(BASELINE_MODEL, ("baseline",), True, "the baseline's scikit-learn estimator (random_forest or logistic)"),
     Tag(BASELINE_RUN, ("evaluation",), False, "each dataset's baseline runs, comma-separated"),
+    Tag(MEMBER_RUNS, ("package",), True, "each backbone's packaged member runs, comma-separated"),
+    Tag(FUSION_RULE, ("package",), True, "the packaged predictor's fusion rule"),
+    Tag(REGISTERED_MODEL, ("package",), True, "registered model name in the MLflow Model Registry"),
+    Tag(MODEL_VERSION, ("package",), False, "the registered version (once registered)"),
 )
 
 

@@ -252,7 +252,8 @@ class Run:
         ``save_model``. Returns MLflow's ModelInfo (``model_uri`` is ``models:/<model id>``)."""
         from mlflow.models import Model
 
-        with fluent_store(self.uri):
+        experiment = retry(self.client.get_run, self.run_id).info.experiment_id
+        with fluent_store(self.uri, experiment):
             return retry(Model.log, artifact_path=None, name=name, flavor=flavor, run_id=self.run_id, **kwargs)
 
     def log_keras_model(self, model: Any, name: str = "model") -> Any:
@@ -280,12 +281,20 @@ class Run:
 
 
 @contextlib.contextmanager
-def fluent_store(uri: str) -> Iterator[None]:
+def fluent_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
     """MLflow's process-wide tracking and registry URI set to ``uri`` for the block (model
-    logging and registration go through MLflow's fluent helpers, which read it), then restored."""
+    logging and registration go through MLflow's fluent helpers, which read it), then restored.
+
+    ``experiment_id``: the experiment a logged model belongs to. MLflow 3.17 files a model logged
+    for a run under the *active* experiment (the Default one, with artifacts in ./mlruns), not
+    the run's, unless told through MLFLOW_EXPERIMENT_ID.
+    """
     import mlflow
 
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    saved_env = {k: os.environ.pop(k, None) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -293,6 +302,10 @@ def fluent_store(uri: str) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+        for key, value in saved_env.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def _requirements(*names: str) -> list[str]:

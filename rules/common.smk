@@ -92,6 +92,15 @@ def fusion_dir(dataset, fold):
     return f"{RESULTS}/fusion/{dataset}/fold{fold}"
 
 
+def packaged_members(wildcards, what):
+    """A file of every member the dataset's packaged predictor holds (fold package.fold)."""
+    return [
+        f"{m}/{what}"
+        for b in BACKBONES
+        for m in member_dirs(wildcards.dataset, S.package.fold, b)
+    ]
+
+
 # One MLflow parent run per ensemble (dataset, fold, backbone), created by init_tracking before
 # any member trains.
 ENSEMBLES = [
@@ -126,6 +135,7 @@ def all_targets():
             f"{RESULTS}/tables/metrics.csv",
             f"{RESULTS}/plots/fold_accuracy.png",
         ]
+        + [f"{RESULTS}/models/{dataset}/registered.json" for dataset in DATASETS]
     )
 
 

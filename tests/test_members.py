@@ -198,6 +198,7 @@ def test_member_run_holds_the_full_provenance(head_member):
     from mlflow.entities import LoggedModelStatus
 
     assert logged.source_run_id == record["run_id"] and logged.status == LoggedModelStatus.READY
+    assert logged.experiment_id == run.info.experiment_id  # the run's experiment, not MLflow's Default
     import mlflow
 
     with tracking.fluent_store(store.uri):

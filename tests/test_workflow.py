@@ -61,11 +61,12 @@ def test_default_config_dag_has_every_stage(tmp_path, snakemake, write_config, j
     assert counts["fuse_predictions"] == n_d
     assert counts["evaluate"] == 1 and counts["init_tracking"] == 1
     assert counts["train_baseline"] == n_d and counts["plot_folds"] == 1
+    assert counts["package_model"] == n_d  # one registered predictor per dataset
     # Every TensorFlow job carries its share of the host as the tf_threads resource.
     from allfuse.gpu import host_cores, thread_share
 
     share = f"tf_threads={thread_share(4, 8, host_cores())}"  # the profile's --cores 8, threads: 4
-    assert out.stdout.count(share) == n_d * n_b * (2 + n_s), out.stdout
+    assert out.stdout.count(share) == n_d * n_b * (2 + n_s) + n_d, out.stdout
 
 
 def test_kfold_runs_every_fold_of_every_repeat_in_one_dag(tmp_path, snakemake, write_config, job_counts):
