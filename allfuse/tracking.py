@@ -280,19 +280,27 @@ class Run:
             retry(self.client.set_terminated, self.run_id, status)
 
 
+#: Environment variables MLflow's fluent API reads and (for the URIs) writes.
+_FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
 @contextlib.contextmanager
 def fluent_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
     """MLflow's process-wide tracking and registry URI set to ``uri`` for the block (model
-    logging and registration go through MLflow's fluent helpers, which read it), then restored.
+    logging and registration go through MLflow's fluent helpers, which read it), then restored
+    exactly: ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI (and the registry's
+    setter MLFLOW_REGISTRY_URI) into the environment, which child processes would inherit.
 
     ``experiment_id``: the experiment a logged model belongs to. MLflow 3.17 files a model logged
     for a run under the *active* experiment (the Default one, with artifacts in ./mlruns), not
     the run's, unless told through MLFLOW_EXPERIMENT_ID.
     """
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    saved_env = {k: os.environ.pop(k, None) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    saved_env = {k: os.environ.pop(k, None) for k in _FLUENT_ENV}
+    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
     if experiment_id is not None:
         os.environ["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
     mlflow.set_tracking_uri(uri)
@@ -300,8 +308,8 @@ def fluent_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
         for key, value in saved_env.items():
             os.environ.pop(key, None)
             if value is not None:

@@ -258,20 +258,23 @@ def test_allfuse_predict_gives_the_runs_fused_test_predictions(finished, predict
     assert {r["model_version"] for r in predicted.values()} == {f"{PREDICTOR}/1"}
 
 
-def test_the_local_copy_is_the_registered_model(finished, predicted):
-    """results/models/<dataset>/model loads in-process as a pyfunc model and answers the same."""
+def test_the_local_copy_is_the_registered_model(finished, predicted, smk, tmp_path):
+    """`allfuse predict --model results/models/<dataset>/model` on loose image files answers as the
+    registered version did on the archive."""
     import zipfile
 
-    import mlflow
-    import pandas as pd
-
-    model = mlflow.pyfunc.load_model(str(finished / "results/models/ALL_IDB2/model"))
     ids = sorted(_fused_test_rows(finished))[:4]
     with zipfile.ZipFile(finished / "results/demo/ALL_IDB2.zip") as archive:
-        images = [archive.read(f"ALL_IDB2/img/{i.split('/')[1]}.tif") for i in ids]
-    out = model.predict(pd.DataFrame({"image_id": ids, "image": images})).to_dict("records")
-    for row in out:
-        assert row["p_all"] == pytest.approx(float(predicted[row["image_id"]]["p_all"]), abs=1e-9)
+        for image_id in ids:
+            (tmp_path / f"{image_id.split('/')[1]}.tif").write_bytes(archive.read(f"ALL_IDB2/img/{image_id.split('/')[1]}.tif"))
+    done = subprocess.run([str(Path(smk.exe).with_name("allfuse")), "predict", str(tmp_path), "--model",
+                           "results/models/ALL_IDB2/model"], cwd=finished, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [Path(r["image_id"]).stem for r in rows] == [i.split("/")[1] for i in ids]
+    for image_id, row in zip(ids, rows, strict=True):
+        assert float(row["p_all"]) == pytest.approx(float(predicted[image_id]["p_all"]), abs=1e-9)
+        assert row["model_version"] == f"{PREDICTOR}/1"
 
 
 def _free_port() -> int:
