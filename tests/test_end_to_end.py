@@ -273,7 +273,8 @@ def test_the_local_copy_is_the_registered_model(finished, predicted, smk, tmp_pa
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     assert [Path(r["image_id"]).stem for r in rows] == [i.split("/")[1] for i in ids]
     for image_id, row in zip(ids, rows, strict=True):
-        assert float(row["p_all"]) == pytest.approx(float(predicted[image_id]["p_all"]), abs=1e-9)
+        # Other images in the backbone's batch move the last bits (1e-8 measured), nothing more.
+        assert float(row["p_all"]) == pytest.approx(float(predicted[image_id]["p_all"]), abs=1e-6)
         assert row["model_version"] == f"{PREDICTOR}/1"
 
 
@@ -318,9 +319,9 @@ def test_the_served_model_answers_the_same_over_http(finished, predicted, smk):
         _assert_same_as_the_run(finished, {r["image_id"]: r for r in rows})
         pixels = np.asarray(Image.open(io.BytesIO(files[ids[0]])).convert("RGB")).tolist()
         [as_array] = post({"dataframe_records": [{"image_id": ids[0], "pixels": pixels}]})
-        assert as_array["p_all"] == pytest.approx(rows[0]["p_all"], abs=1e-9)
+        assert as_array["p_all"] == pytest.approx(rows[0]["p_all"], abs=1e-6)
         for row in rows:
-            assert row["p_all"] == pytest.approx(float(predicted[row["image_id"]]["p_all"]), abs=1e-9)
+            assert row["p_all"] == pytest.approx(float(predicted[row["image_id"]]["p_all"]), abs=1e-6)
             assert row["model_version"] == f"{PREDICTOR}/1"
     finally:
         _stop_server(server)
@@ -330,8 +331,10 @@ def _start_server(args: list[str], cwd: Path, log: Path, url: str, env: dict | N
     """A server process in its own session (stopped with :func:`_stop_server`), once ``url`` answers."""
     import urllib.request
 
+    # The project's environment first on PATH, as an activated venv has it (MLflow starts uvicorn by name).
+    path = f"{Path(args[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     server = subprocess.Popen(args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **(env or {})})  # fmt: skip
+                              env={**os.environ, "PATH": path, **(env or {})})  # fmt: skip
     deadline = time.time() + 300
     while True:
         assert server.poll() is None, log.read_text()[-3000:]
