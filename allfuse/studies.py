@@ -25,7 +25,8 @@ processes run trials of a study at once; the lock files always sit in the study'
   worker finds a study whose hash differs, the old one is set aside (:func:`prepare_study`): the
   journal file renamed to ``study.<old hash>.journal.bak``, a database study copied to
   ``<name>.<old hash>.bak`` in the same database and deleted, and a fresh study starts, so trials
-  of two search spaces never mix.
+  of two search spaces never mix. A ``study.db`` of an earlier version (one SQLite file per study)
+  is carried over into the journal file once (:func:`adopt_sqlite_study`).
 
 The tables of a study (``trials.csv``, the ``best_params.json`` record) are made here too.
 """
@@ -53,10 +54,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
+# The SQLite study file of earlier allfuse versions, carried over into the journal when found.
+LEGACY_SQLITE = "study.db"
 # A trial's heartbeat (database storages) is written every HEARTBEAT_INTERVAL_S; one silent for
 # GRACE_PERIOD_S is stale.
 HEARTBEAT_INTERVAL_S = 60
 GRACE_PERIOD_S = 180
+# A budget lock left by a dead worker is broken after this long without a change.
+BUDGET_LOCK_GRACE_S = 120
 # Trials killed with their process are retried once with the same parameters; a configuration
 # that kills its process twice (e.g. out of memory) is left to the sampler's judgement.
 MAX_RETRY = 1
@@ -156,9 +161,11 @@ def worker_lock(place: StudyPlace, worker: int) -> Iterator[Path]:
 
 class BudgetLock:
     """The lock a worker holds from counting a study's trials until its new trial is marked as its
-    own: Optuna's ``JournalFileOpenLock`` (O_EXCL lock file, NFS-safe) on ``study.budget.lock``.
+    own (and while it joins the study): Optuna's ``JournalFileOpenLock`` (O_EXCL lock file,
+    NFS-safe) on ``study.budget.lock``.
 
-    A holder that died leaves the file behind; Optuna breaks it after its grace period (30 s).
+    A holder that died leaves the file behind; the others break it after ``BUDGET_LOCK_GRACE_S``
+    (Optuna's default of 30 s could break the lock of a worker whose first MLflow calls are slow).
     ``release`` is a no-op when not held, so a trial can release it and the worker's loop too.
     """
 
@@ -166,7 +173,7 @@ class BudgetLock:
         from optuna.storages.journal import JournalFileOpenLock
 
         place.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = JournalFileOpenLock(str(place.folder / "study.budget"))
+        self._lock = JournalFileOpenLock(str(place.folder / "study.budget"), grace_period=BUDGET_LOCK_GRACE_S)
         self.held = False
 
     def acquire(self) -> None:
@@ -336,6 +343,32 @@ def _retire_database_study(place: StudyPlace, tag: str) -> str:
     return dest
 
 
+def adopt_sqlite_study(place: StudyPlace) -> Path | None:
+    """Carry a study of an earlier allfuse version (``study.db``, Optuna's SQLite storage) over into
+    the journal file, trials, attributes and MLflow run id included, and rename the file to
+    ``study.db.adopted.bak``; its path, or None when there is nothing to adopt.
+
+    Call with the budget lock held. Its finished trials count towards the budget as if they had
+    been run in the journal; one left RUNNING is failed and retried like any orphan.
+    """
+    import optuna
+
+    legacy = place.folder / LEGACY_SQLITE
+    if place.url is not None or place.journal.exists() or not legacy.exists():
+        return None
+    dest = legacy.with_name(f"{LEGACY_SQLITE}.adopted.bak")
+    try:
+        optuna.copy_study(from_study_name=place.name, from_storage=f"sqlite:///{legacy.resolve()}",
+                          to_storage=open_storage(place))  # fmt: skip
+        log.info("carried study %s over from %s into %s", place.name, legacy, place.journal)
+    except Exception as exc:  # not a study, or not this one: keep it aside, start afresh
+        place.journal.unlink(missing_ok=True)
+        dest = legacy.with_name(f"{LEGACY_SQLITE}.unreadable.bak")
+        log.warning("could not carry %s over (%s: %s); keeping it as %s", legacy, exc.__class__.__name__, exc, dest)
+    os.replace(legacy, dest)
+    return dest
+
+
 def prepare_study(place: StudyPlace, settings_hash: str) -> tuple[int, str | None]:
     """Make the storage hold only a study with ``settings_hash``: (trials it holds, where an old one went).
 
@@ -343,6 +376,7 @@ def prepare_study(place: StudyPlace, settings_hash: str) -> tuple[int, str | Non
     changed), a journal file without the study or one that is not a journal is set aside (module
     docstring), never deleted.
     """
+    adopt_sqlite_study(place)
     if not place.exists():
         return 0, None
     try:

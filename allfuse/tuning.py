@@ -306,14 +306,17 @@ def _work(job: TuneJob, study: optuna.Study, objective: _Objective, existing: in
     while objective.failed <= studies.MAX_EXTRA_FAILURES:
         objective.budget.acquire()
         try:
-            _close_orphans(job, study, studies.fail_orphaned_trials(study, job.worker, retry))
-            done, running = studies.count_finished(study), studies.count_running(study)
-            if done + running >= budget:
-                break
-            # The trial (ask) starts under the lock; the objective releases it once the trial is marked.
-            study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[objective.ended])
+            orphans = studies.fail_orphaned_trials(study, job.worker, retry)
+            if not orphans:
+                done, running = studies.count_finished(study), studies.count_running(study)
+                if done + running >= budget:
+                    break
+                # The trial starts (ask) under the lock; the objective releases it once the trial is marked.
+                study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[objective.ended])
         finally:
             objective.budget.release()
+        _close_orphans(job, study, orphans)  # MLflow, outside the lock; their retries are next
+    done = studies.count_finished(study)
     objective.stage.record.update({"study": job.name, "worker": job.worker, "workers": job.tune.workers,
                                    "storage": job.place.label, "sampler_seed": objective.seed,
                                    "trials": objective.ran, "finished": done})  # fmt: skip
@@ -321,8 +324,8 @@ def _work(job: TuneJob, study: optuna.Study, objective: _Objective, existing: in
         raise AllfuseError(f"study {job.name}, worker {job.worker}: {objective.failed} trials failed; the study "
                            f"holds {done} of {budget} finished trials; see the log and {job.place.label}; rerun to "
                            "resume")  # fmt: skip
-    log.info("study %s, worker %d: ran trials %s; the study holds %d of %d finished trials (%d running elsewhere)",
-             job.name, job.worker, objective.ran, done, budget, running)  # fmt: skip
+    log.info("study %s, worker %d: ran trials %s; the study holds %d of %d finished trials, %d running elsewhere",
+             job.name, job.worker, objective.ran, done, budget, studies.count_running(study))  # fmt: skip
 
 
 def collect_study(job: CollectJob) -> dict[str, Any]:

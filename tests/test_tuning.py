@@ -295,6 +295,26 @@ def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_pat
     assert record["settings_hash"] != old_hash
 
 
+def test_a_study_file_of_an_earlier_version_is_carried_over(tmp_path, make_job):
+    """A study.db (SQLite, one file per study, as earlier versions kept it) next to no journal: its
+    trials are carried into the journal and count; raising the budget runs only the difference."""
+    import optuna
+
+    job = make_job(tmp_path, tune={"n_trials": 2})
+    run_study(job, FakeTrainer())
+    legacy = tmp_path / "tune" / "study.db"
+    optuna.copy_study(from_study_name=job.name, from_storage=studies.open_storage(job.place),
+                      to_storage=f"sqlite:///{legacy}")  # fmt: skip
+    before = study_trials(job)
+    job.place.journal.unlink()
+    more = FakeTrainer()
+    record = run_study(make_job(tmp_path, data=job.data, split=job.split, tune={"n_trials": 3}), more)
+    assert len(more.calls) == 1 and record["n_complete"] + record["n_pruned"] == 3
+    after = study_trials(job)
+    assert [(t.params, t.value) for t in before.values()] == [(after[n].params, after[n].value) for n in before]
+    assert not legacy.exists() and (tmp_path / "tune" / "study.db.adopted.bak").exists()
+
+
 def test_a_worker_running_twice_is_refused(tmp_path, make_job):
     job = make_job(tmp_path)
     with studies.worker_lock(job.place, 0):
