@@ -49,6 +49,8 @@ STUDY = "allfuse.study"
 STUDY_DB = "allfuse.study_db"
 SETTINGS_HASH = "allfuse.settings_hash"
 N_TRIALS = "allfuse.n_trials"
+WORKERS = "allfuse.workers"
+WORKER = "allfuse.worker"
 TRIAL = "allfuse.trial"
 TRIAL_STATE = "allfuse.trial_state"
 BEST_TRIAL = "allfuse.best_trial"
@@ -109,13 +111,15 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion", "package"), True, "fold of the split file"),
     Tag(SEED, ("member", "baseline"), True, "the member's seed (baseline: its estimator's seed)"),
     Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
-    Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
-    Tag(TF_THREADS, ("study", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
+    Tag(DEVICE, ("trial", "member"), True, "cpu, or gpu:<ids> the job ran on (trial: its worker's job)"),
+    Tag(TF_THREADS, ("trial", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
     Tag(TUNED, ("member",), True, "hyperparameters taken from the study's best trial ('none' without a study)"),
     Tag(STUDY, ("trial", "study"), True, "Optuna study name"),
-    Tag(STUDY_DB, ("study",), True, "the study's storage file"),
+    Tag(STUDY_DB, ("study",), True, "the study's storage: its journal file, or the database URL without a password"),
     Tag(SETTINGS_HASH, ("study",), True, "hash of what makes the study's trials comparable"),
-    Tag(N_TRIALS, ("study",), True, "the study's trial budget"),
+    Tag(N_TRIALS, ("study",), True, "the study's trial budget (finished trials, over all workers)"),
+    Tag(WORKERS, ("study",), True, "tuning jobs sharing the study (tune.workers)"),
+    Tag(WORKER, ("trial",), True, "the worker (0 .. workers-1) whose job ran the trial"),
     Tag(TRIAL, ("trial",), True, "trial number"),
     Tag(TRIAL_STATE, ("trial",), True, "COMPLETE, PRUNED or FAIL"),
     Tag(BEST_TRIAL, ("trial", "study"), False, "trial: whether it is the study's best; study: the best trial's number"),

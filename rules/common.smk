@@ -34,6 +34,7 @@ wildcard_constraints:
     backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
     fold=r"\d+",
+    worker=r"\d+",
 
 
 def _check_archives():
@@ -175,6 +176,17 @@ def training_data(wildcards, subsets=("train", "val", "test")):
 def tuning_data(wildcards):
     # The test subset is not an input of tuning: the study cannot read it.
     return training_data(wildcards, subsets=("train", "val"))
+
+
+def worker_of(wildcards):
+    return int(wildcards.worker)
+
+
+def study_workers(wildcards):
+    """The records of a study's tune.workers tuning jobs, which collect_study waits for."""
+    w = wildcards
+    folder = f"{RESULTS}/tune/{w.dataset}/fold{w.fold}/{w.backbone}"
+    return [f"{folder}/worker{i}.json" for i in range(S.study(w.backbone).workers)]
 
 
 def best_params_input(wildcards):

@@ -9,7 +9,7 @@
 - a member killed mid-training (SIGKILL, at an epoch line) leaves nothing that looks finished,
   its run ends KILLED, and the recovered DAG gives the same metrics as a clean run (run ids
   included, but the retried member's, a new attempt in the same store, and the fusion runs citing it);
-- a study killed mid-trial resumes where it stopped;
+- a study killed mid-trial (its worker job) resumes where it stopped;
 - nothing is written into the source tree.
 
 Each run uses its own temporary working directory holding only config.yaml; the Snakefile (and
@@ -455,7 +455,7 @@ def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
     config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
     smk.write_config(tmp_path, config)
     best = tmp_path / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2.log"
+    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2/worker0.log"  # the study's one worker
     _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
     assert not best.exists()
 
