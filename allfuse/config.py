@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -204,7 +205,8 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
 
 def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     """Cross-key rules a JSON schema cannot express; ConfigError with one line per problem."""
-    problems = _check_input_sizes(config, schema) + _check_search_spaces_used(config)
+    problems = (_check_input_sizes(config, schema) + _check_search_spaces_used(config) + _check_package_fold(config)
+                + _check_study_storage(config))  # fmt: skip
     spaces = {"tune.search_space": config["tune"]["search_space"]}
     for name, block in config["backbones"].items():
         if "search_space" in block:
@@ -237,6 +239,16 @@ def _check_input_sizes(config: Mapping[str, Any], schema: Mapping[str, Any]) -> 
     return problems
 
 
+def _check_package_fold(config: Mapping[str, Any]) -> list[str]:
+    """The packaged fold must be one the split makes."""
+    split = config["split"]
+    n_folds = int(split["n_folds"]) * int(split["n_repeats"]) if split["protocol"] == "kfold" else 1
+    fold = int(config["package"]["fold"])
+    if fold < n_folds:
+        return []
+    return [f"config key 'package.fold' is {fold}, but split protocol '{split['protocol']}' makes folds 0..{n_folds - 1}"]
+
+
 def _check_search_spaces_used(config: Mapping[str, Any]) -> list[str]:
     """A study needs at least one hyperparameter its backbone's mode can tune."""
     if config["tune"]["n_trials"] == 0:
@@ -254,6 +266,21 @@ def _check_search_spaces_used(config: Mapping[str, Any]) -> list[str]:
                 "one range it uses, or set tune.n_trials: 0 to skip tuning"
             )
     return problems
+
+
+def _check_study_storage(config: Mapping[str, Any]) -> list[str]:
+    """A database URL for the studies must not carry a password: the resolved config is stored
+    with every MLflow run and hashed into its tags."""
+    url = config["tune"].get("storage")
+    if url and urlsplit(url).password:
+        return [
+            (
+                "config key 'tune.storage' holds a password, and the config is stored with every MLflow run: "
+                "remove it from the URL and give it to the database client instead (PostgreSQL: ~/.pgpass or "
+                "PGPASSWORD)"
+            )
+        ]
+    return []
 
 
 def _resolved(node: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:

@@ -228,7 +228,6 @@ def _random_backbone_gain(model: keras.Model, input_size: int) -> float:
     fixed noise probe, not on data, so the same seed always rebuilds the same backbone; a power of
     two rescales exactly. Pretrained backbones are left alone.
     """
-    import keras
 
     probe = np.random.default_rng(0).uniform(0.0, 255.0, size=(4, input_size, input_size, 3)).astype("float32")
     out = predict_batches(model, probe, 32, eager=True).astype(np.float64)

@@ -219,8 +219,11 @@ def interrupt_on_sigterm() -> Iterator[None]:
 def stage_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool = False,
               inputs: Mapping[str, PathLike], outputs: Sequence[PathLike] = (), record: PathLike | None = None,
               tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-              resume: str | None = None, where: bool = True) -> Iterator[StageRun]:  # fmt: skip
+              resume: str | None = None, where: bool = True, finish: bool = True) -> Iterator[StageRun]:  # fmt: skip
     """Run a stage's block under its MLflow run; see the module docstring for the life it gets.
+
+    With ``finish`` False the run stays RUNNING when the block succeeds: one of several jobs that
+    share a run (a study's workers), which a later job ends.
 
     ``outputs`` are removed when the block fails; ``record`` (``run.json``) is written last, with
     the run's id added to what the stage put in ``StageRun.record``, and with ``where`` also the
@@ -233,7 +236,8 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
                          tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
         try:
             yield stage
-            stage.run.set_status("FINISHED")
+            if finish:
+                stage.run.set_status("FINISHED")
             if record is not None:
                 store = context.store
                 identity = {"run_id": stage.run.run_id}

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -245,12 +246,93 @@ class Run:
         tag = InputTag(key="mlflow.data.context", value=context)
         retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
 
+    def log_model(self, flavor: Any, name: str = "model", **kwargs: Any) -> Any:
+        """Log a model the MLflow way under this run (a logged model with its flavour, signature
+        and input example, listed under the run's "Logged models"); ``kwargs`` go to the flavour's
+        ``save_model``. Returns MLflow's ModelInfo (``model_uri`` is ``models:/<model id>``)."""
+        from mlflow.models import Model
+
+        experiment = retry(self.client.get_run, self.run_id).info.experiment_id
+        with fluent_store(self.uri, experiment):
+            return retry(Model.log, artifact_path=None, name=name, flavor=flavor, run_id=self.run_id, **kwargs)
+
+    def log_keras_model(self, model: Any, name: str = "model") -> Any:
+        """Log a Keras model in MLflow's Keras flavour, with a signature of its one float32 input
+        and its (N, 2) probabilities, a zero input example, and the installed TensorFlow and
+        Keras as requirements (naming them spares MLflow inferring them by loading the model in a
+        subprocess). Loads with ``mlflow.keras.load_model`` and ``mlflow.pyfunc.load_model``."""
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        inputs = Schema([TensorSpec(np.dtype("float32"), (-1, *shape), model.inputs[0].name)])
+        outputs = Schema([TensorSpec(np.dtype("float32"), (-1, 2), "probabilities")])
+        return self.log_model(_KERAS_FLAVOR, name, model=model, signature=ModelSignature(inputs, outputs),
+                              input_example=np.zeros((1, *shape), dtype=np.float32),
+                              pip_requirements=_requirements("tensorflow", "keras"))  # fmt: skip
+
     def set_status(self, status: str) -> None:
         """FINISHED, FAILED or KILLED end the run; RUNNING reopens it (a resumed study)."""
         if status == "RUNNING":
             retry(self.client.update_run, self.run_id, status="RUNNING")
         else:
             retry(self.client.set_terminated, self.run_id, status)
+
+
+#: Environment variables MLflow's fluent API reads and (for the URIs) writes.
+_FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URI set to ``uri`` for the block (model
+    logging and registration go through MLflow's fluent helpers, which read it), then restored
+    exactly: ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI (and the registry's
+    setter MLFLOW_REGISTRY_URI) into the environment, which child processes would inherit.
+
+    ``experiment_id``: the experiment a logged model belongs to. MLflow 3.17 files a model logged
+    for a run under the *active* experiment (the Default one, with artifacts in ./mlruns), not
+    the run's, unless told through MLFLOW_EXPERIMENT_ID.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.pop(k, None) for k in _FLUENT_ENV}
+    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved_env.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def _requirements(*names: str) -> list[str]:
+    from importlib import metadata
+
+    return [f"{name}=={metadata.version(name)}" for name in names]
+
+
+def _save_keras(path: str, **kwargs: Any) -> Any:
+    """mlflow.keras.save_model, with the model folder made first: MLflow 3.17 writes the input
+    example before it creates the folder (FileNotFoundError under Model.log)."""
+    import mlflow.keras
+
+    os.makedirs(path, exist_ok=True)
+    return mlflow.keras.save_model(path=path, **kwargs)
+
+
+#: MLflow's Keras flavour as ``Model.log`` takes it (a module-like object with ``save_model``).
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras)
 
 
 class NullRun:
@@ -267,6 +349,8 @@ class NullRun:
     def log_config(self, config: Mapping[str, Any]) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]) -> None: ...
     def set_status(self, status: str) -> None: ...
+    def log_model(self, flavor: Any, name: str = "model", **kwargs: Any) -> None: ...
+    def log_keras_model(self, model: Any, name: str = "model") -> None: ...
 
 
 def run_id_seed(exp_id: str, run_name: str, tags: Mapping[str, str], attempt: int) -> str:

@@ -36,6 +36,7 @@ wildcard_constraints:
     backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
     fold=r"\d+",
+    worker=r"\d+",
 
 
 def _check_archives():
@@ -94,6 +95,15 @@ def fusion_dir(dataset, fold):
     return f"{RESULTS}/fusion/{dataset}/fold{fold}"
 
 
+def packaged_members(wildcards, what):
+    """A file of every member the dataset's packaged predictor holds (fold package.fold)."""
+    return [
+        f"{m}/{what}"
+        for b in BACKBONES
+        for m in member_dirs(wildcards.dataset, S.package.fold, b)
+    ]
+
+
 # One MLflow parent run per ensemble (dataset, fold, backbone), created by init_tracking before
 # any member trains.
 ENSEMBLES = [
@@ -128,6 +138,7 @@ def all_targets():
             f"{RESULTS}/tables/metrics.csv",
             f"{RESULTS}/plots/fold_accuracy.png",
         ]
+        + [f"{RESULTS}/models/{dataset}/registered.json" for dataset in DATASETS]
     )
 
 
@@ -167,6 +178,17 @@ def training_data(wildcards, subsets=("train", "val", "test")):
 def tuning_data(wildcards):
     # The test subset is not an input of tuning: the study cannot read it.
     return training_data(wildcards, subsets=("train", "val"))
+
+
+def worker_of(wildcards):
+    return int(wildcards.worker)
+
+
+def study_workers(wildcards):
+    """The records of a study's tune.workers tuning jobs, which collect_study waits for."""
+    w = wildcards
+    folder = f"{RESULTS}/tune/{w.dataset}/fold{w.fold}/{w.backbone}"
+    return [f"{folder}/worker{i}.json" for i in range(S.study(w.backbone).workers)]
 
 
 def best_params_input(wildcards):
