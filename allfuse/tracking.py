@@ -148,7 +148,7 @@ def _wait_out(exc: BaseException) -> None:
     if waited >= window:
         raise TrackingError(
             f"MLflow tracking server unreachable for {waited:.0f} s (tracking.retry_seconds: {window:g}): "
-            f"{_where(exc)}; the job failed and removed its outputs: rerun the workflow once the server is back"
+            f"{_where(exc)}; rerun the workflow once the server is back"
         ) from None
     _Patience.tries += 1  # about 1, 2, 4, 8, then 16 s apart
     time.sleep(min(2.0 ** min(_Patience.tries - 1, 4) * (0.5 + random.random()), window - waited))
@@ -219,7 +219,7 @@ def init_store(uri: str, experiments: list[str], store_dir: Path | str) -> dict[
 def check_server(uri: str, timeout: float = 30.0) -> None:
     """For a tracking server URI: one request with the credentials jobs will use (MLflow's own
     client, no retries); TrackingError, one line naming the URI, when the server cannot be
-    reached or refuses them. Database URIs are left alone (their jobs create nothing up front)."""
+    reached or refuses them. A database URI is left alone: init_tracking creates that store."""
     if not is_server(uri):
         return
     from mlflow.exceptions import MlflowException
