@@ -19,6 +19,7 @@ when PostgreSQL or the server cannot start, the tests fail.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -72,6 +73,10 @@ class Service:
     port: int = field(default_factory=free_port)
     backend: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        while self.port == self.pg_port:
+            self.port = free_port()
 
     @property
     def uri(self) -> str:
@@ -246,7 +251,7 @@ class Workers:
         for proc in self.procs:
             proc.join(timeout=10)
 
-    def check(self, uri: str) -> None:
+    def check(self, uri: str, folder: Path) -> None:
         """Every worker ended well and every step it reported is on the server, once, in order."""
         assert [p.exitcode for p in self.procs] == [0] * len(self.procs)
         c = tracking.client(uri)
@@ -256,15 +261,15 @@ class Workers:
             assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes" and run.data.params["worker"] == str(i)
             assert [m.step for m in c.get_metric_history(run_id, "x")] == list(range(self.steps.get(i, 0)))
             assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["ALL_IDB2-fold0-split"]
-            note = Path(c.download_artifacts(run_id, "notes/worker.txt", tempfile.mkdtemp()))
+            note = Path(c.download_artifacts(run_id, "notes/worker.txt", str(folder)))
             assert note.read_text() == f"worker {i}\n"
 
 
-def test_eight_processes_log_at_once_over_http(server):
+def test_eight_processes_log_at_once_over_http(server, tmp_path):
     # retry_seconds 0: a single unreachable call, or any other error, fails a worker.
     workers = Workers.start(server.uri, 8, "eight-at-once", retry_seconds=0, steps=10)
     workers.finish(stop=False)
-    workers.check(server.uri)
+    workers.check(server.uri, tmp_path)
     assert workers.steps == {i: 10 for i in range(1, 9)}
     assert "Traceback" not in server.server_log()
 
@@ -318,6 +323,7 @@ class Outage:
     first: dict  # the first invocation, which lost the server
     workers: Workers  # a process that logged through the outage
     steps_at_stop: int
+    said: list[str]  # what Snakemake and the failed member's log said (the log is rewritten by the rerun)
 
 
 @pytest.fixture(scope="module")
@@ -350,10 +356,11 @@ def dag(server, smk, tmp_path_factory) -> Outage:
     server.start_server()
     workers.wait_for_step(steps_at_stop + 3)  # it carries on
     workers.finish()
-    smk.run_checked(workdir)
+    second = smk.run_checked(workdir)
     timings = {"dag_with_outage_s": time.perf_counter() - start, **server.timings}
     print(f"\nshared tracking server timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
-    return Outage(workdir, first, workers, steps_at_stop)
+    said = [first["output"], first["member_log"], second.stdout, second.stderr]
+    return Outage(workdir, first, workers, steps_at_stop, said)
 
 
 def test_the_server_going_away_fails_the_job_after_retry_seconds_leaving_nothing_finished(dag):
@@ -367,8 +374,8 @@ def test_the_server_going_away_fails_the_job_after_retry_seconds_leaving_nothing
     assert first["member_files"] == []  # no model, predictions, history or run.json of the failed attempt
 
 
-def test_a_job_rides_out_a_server_restart_within_retry_seconds(dag, server):
-    dag.workers.check(server.uri)  # every step, before, during and after the outage, arrived once
+def test_a_job_rides_out_a_server_restart_within_retry_seconds(dag, server, tmp_path):
+    dag.workers.check(server.uri, tmp_path)  # every step, before, during and after the outage, arrived once
     assert dag.workers.steps[1] >= dag.steps_at_stop + 3
 
 
@@ -396,7 +403,7 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> set[str]:
     return files
 
 
-def test_every_run_and_artifact_arrived_on_the_server(dag, server):
+def test_every_run_and_artifact_arrived_on_the_server(dag, server, tmp_path):
     workdir = dag.workdir
     store, client, runs = _runs(workdir)
     assert store["uri"] == server.uri
@@ -415,19 +422,19 @@ def test_every_run_and_artifact_arrived_on_the_server(dag, server):
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     # The model that arrived is the one the job wrote.
     [member_run] = [r for r in finished if r.data.tags[T.LEVEL] == "member"]
-    model = Path(client.download_artifacts(member_run.info.run_id, "model.keras", tempfile.mkdtemp()))
+    model = Path(client.download_artifacts(member_run.info.run_id, "model.keras", str(tmp_path)))
     local = workdir / "results" / MEMBER / "model.keras"
     assert hashlib.sha256(model.read_bytes()).digest() == hashlib.sha256(local.read_bytes()).digest()
     # Every table row names a run on the server; nothing of MLflow's lives in the working directory.
-    rows = (workdir / "results" / "tables" / "metrics.csv").read_text().splitlines()
-    ids = {line.split(",")[rows[0].split(",").index("mlflow_run_id")] for line in rows[1:]}
+    with open(workdir / "results" / "tables" / "metrics.csv", newline="") as fh:
+        ids = {row["mlflow_run_id"] for row in csv.DictReader(fh) if row["fold"] != "pooled"}
     assert ids and ids <= {r.info.run_id for r in finished}
     assert sorted(p.name for p in (workdir / "results" / "mlflow").iterdir()) == ["store.json"]
     assert [p for p in workdir.rglob("*") if p.name in ("mlflow.db", "mlruns", "mlartifacts")] == []
     assert (server.state / "mlflow" / "artifacts" / store["experiment_id"]).is_dir()
 
 
-def test_no_password_anywhere(dag, server):
+def test_no_password_anywhere(dag, server, tmp_path):
     workdir = dag.workdir
     needles = {name: value.encode() for name, value in server.secrets.items()}
     places = [p for p in workdir.rglob("*") if p.is_file()]  # logs/, .snakemake/log, results/, jobstats/
@@ -438,10 +445,10 @@ def test_no_password_anywhere(dag, server):
     assert found == []
     # MLflow's own records: experiment tags, every run's tags and params, and every artifact.
     store, client, runs = _runs(workdir)
-    texts = [json.dumps(client.get_experiment(store["experiment_id"]).tags)]
+    texts = [json.dumps(client.get_experiment(store["experiment_id"]).tags), *dag.said]  # + Snakemake's output
     for run in runs:
         texts += [json.dumps(run.data.tags), json.dumps(run.data.params)]
-        folder = Path(tempfile.mkdtemp())
+        folder = tmp_path / run.info.run_id
         for path in _artifact_files(client, run.info.run_id):
             texts.append(Path(client.download_artifacts(run.info.run_id, path, str(folder))).read_bytes().decode("latin-1"))
     leaked = [name for name, value in server.secrets.items() for text in texts if value in text]
