@@ -30,3 +30,7 @@ class DataError(AllfuseError):
 
 class WeightsError(AllfuseError):
     """Pretrained backbone weights are missing or cannot be loaded."""
+
+
+class TrackingError(AllfuseError):
+    """The MLflow tracking store cannot be reached, or refuses the job's credentials."""

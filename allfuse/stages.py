@@ -34,7 +34,7 @@ from typing import Any
 
 from allfuse import __version__, tracking
 from allfuse import tags as T
-from allfuse.errors import DataError
+from allfuse.errors import DataError, TrackingError
 from allfuse.files import PathLike, read_json, removed_on_failure, sha256_file, sha256_json, write_json
 from allfuse.gpu import slurm_job_id
 
@@ -257,6 +257,8 @@ def _close(stage: StageRun, status: str) -> None:
     """End a failed stage's run; the original error matters more than one from the store."""
     try:
         stage.run.set_status(status)
+    except TrackingError as exc:  # the server is gone: the job's rerun marks the run KILLED
+        log.error("could not mark run %s %s: %s", stage.run.run_id, status, exc)
     except Exception:
         log.exception("could not mark run %s %s", stage.run.run_id, status)
 

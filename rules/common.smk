@@ -63,6 +63,34 @@ def _check_archives():
 _check_archives()
 
 
+def _check_tracking_uri():
+    """At every start (dry runs too): a tracking URI, from the config or MLFLOW_TRACKING_URI,
+    carries no password (it is written to store.json, run records and logs)."""
+    from allfuse.errors import AllfuseError
+    from allfuse.tracking import resolve_uri
+
+    try:
+        resolve_uri(S.tracking["uri"], MLFLOW_DIR)
+    except AllfuseError as exc:
+        raise WorkflowError(str(exc))
+
+
+_check_tracking_uri()
+
+
+def check_tracking_server():
+    """Stop the workflow with one line naming the URI when the tracking server cannot be reached
+    or refuses the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    from allfuse.errors import AllfuseError
+    from allfuse.tracking import check_server, resolve_uri
+
+    try:
+        check_server(resolve_uri(S.tracking["uri"], MLFLOW_DIR))
+    except AllfuseError as exc:
+        raise WorkflowError(str(exc))
+
+
 def archive_input(wildcards):
     """The archive an ingestion job reads: the configured one, or the generated demo."""
     if S.uses_demo:
