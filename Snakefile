@@ -37,6 +37,7 @@ include: "rules/tune.smk"
 include: "rules/train.smk"
 include: "rules/baseline.smk"
 include: "rules/evaluate.smk"
+include: "rules/package.smk"
 
 
 rule all:

@@ -304,33 +304,29 @@ def _compression_of(head: bytes) -> str | None:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def unsafe_members(archive: Archive) -> list[str]:
-    """Problem strings for members that must not be read: links, devices, other special entries,
-    absolute paths and paths with ``..`` that would leave the archive root.
+def member_problem(member: Member) -> str | None:
+    """Why a member must not be read (a link, a device or other special entry, an absolute path,
+    a path with ``..`` that would leave the archive root), or None for a safe one.
 
     Backslashes count as separators here, since archives made on Windows may use them.
     """
-    problems: list[str] = []
-    for member in archive.members():
-        name = member.name
-        parts = name.replace("\\", "/").split("/")
-        if name.startswith(("/", "\\")) or _DRIVE.match(name):
-            problems.append(
-                f"{name}: has an absolute path that points outside the archive; repack the archive with relative paths"
-            )
-        elif ".." in parts:
-            problems.append(
-                f"{name}: contains '..' and escapes the archive root; repack the archive with plain relative paths"
-            )
-        if member.kind == "symlink":
-            problems.append(f"{name}: is a symbolic link; store the file itself in the archive, not a link to it")
-        elif member.kind == "hardlink":
-            problems.append(f"{name}: is a hard link; store the file itself in the archive, not a link to it")
-        elif member.kind == "device":
-            problems.append(f"{name}: is a device or FIFO entry; remove it from the archive")
-        elif member.kind == "other":
-            problems.append(f"{name}: has an unsupported entry type; store plain files and folders only")
-    return problems
+    name = member.name
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return f"{name}: has an absolute path that points outside the archive; repack the archive with relative paths"
+    if ".." in parts:
+        return f"{name}: contains '..' and escapes the archive root; repack the archive with plain relative paths"
+    return {
+        "symlink": f"{name}: is a symbolic link; store the file itself in the archive, not a link to it",
+        "hardlink": f"{name}: is a hard link; store the file itself in the archive, not a link to it",
+        "device": f"{name}: is a device or FIFO entry; remove it from the archive",
+        "other": f"{name}: has an unsupported entry type; store plain files and folders only",
+    }.get(member.kind)
 
 
-__all__ = ["KINDS", "Archive", "Member", "open_archive", "unsafe_members"]
+def unsafe_members(archive: Archive) -> list[str]:
+    """Problem strings (:func:`member_problem`) for every member that must not be read."""
+    return [problem for member in archive.members() if (problem := member_problem(member))]
+
+
+__all__ = ["KINDS", "Archive", "Member", "member_problem", "open_archive", "unsafe_members"]

@@ -2,6 +2,8 @@
 
     allfuse make-demo-archives OUT_DIR [--seed N] [--format zip|tar|tar.gz|dir]
     allfuse inspect ARCHIVE [--max-pixels N] [--which ALL_IDB1|ALL_IDB2]
+    allfuse predict INPUT... --model URI [--out predictions.csv] [--tracking-uri URI]
+    allfuse fetch-weights [--configfile FILE ...] [--directory DIR] [--source URL|DIR]
     allfuse --version
 
 Any ``AllfuseError`` is printed as one ``allfuse: error: ...`` message (with every problem listed)
@@ -15,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from allfuse import __version__
 from allfuse.config import load_schema
@@ -80,7 +83,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--which", choices=ARCHIVES, action="append", help="dataset to check (repeatable; default: every one present)"
     )
     inspect.set_defaults(func=_inspect)
+    _add_predict(commands)
+    _add_fetch_weights(commands)
     return parser
+
+
+def _add_predict(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="apply a packaged allfuse predictor to images",
+        description=(
+            "Predict images with a packaged fused ensemble (rule package_model): one row per image with p_all, the "
+            "predicted label (1 ALL, 0 healthy), predictive entropy and mutual information (nats), whether it is "
+            "referred to an expert, and the model version. Unreadable images are listed and the others predicted; "
+            "the exit status is then 1."
+        ),
+    )
+    predict.add_argument("inputs", metavar="INPUT", nargs="+", type=Path,
+                         help="image files (JPEG, TIFF, PNG, BMP), folders of them, or ALL-IDB archives/folders")  # fmt: skip
+    predict.add_argument("--model", required=True, metavar="URI",
+                         help="models:/allfuse-<dataset>/<version|latest>, runs:/<run id>/model, or a model folder "
+                              "(e.g. results/models/ALL_IDB2/model)")  # fmt: skip
+    predict.add_argument("--out", metavar="CSV", help="write the predictions here (default: standard output)")
+    predict.add_argument("--tracking-uri", metavar="URI",
+                         help="tracking store of models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, else "
+                              "sqlite:///results/mlflow/mlflow.db)")  # fmt: skip
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_predict)
+
+
+def _add_fetch_weights(commands: Any) -> None:
+    fetch = commands.add_parser(
+        "fetch-weights",
+        help="put the ImageNet weights the config needs into the Keras cache the jobs read",
+        description=(
+            "Put every ImageNet weights file the config needs (backbones with weights: imagenet) into the Keras cache "
+            "the workflow's jobs read ($KERAS_HOME/models, else .keras/models in the working directory), checked "
+            "against Keras' own hashes; one line per file; files already there and intact are left alone. Run it "
+            "where downloads work (a login node) before the jobs run where they do not."
+        ),
+    )
+    fetch.add_argument("--configfile", type=Path, action="append", default=[],
+                       help="config file merged over DIR/config.yaml, as for snakemake (repeatable)")  # fmt: skip
+    fetch.add_argument("--directory", type=Path, default=Path("."),
+                       help="the workflow's working directory (default: the current one)")  # fmt: skip
+    fetch.add_argument("--source", default=None,
+                       help="where the files are: a base URL (http, https, file) or a folder holding them by name "
+                            "(default: Keras' own URLs)")  # fmt: skip
+    fetch.set_defaults(func=_fetch_weights)
 
 
 def _make_demo_archives(args: argparse.Namespace) -> int:
@@ -104,6 +154,46 @@ def _inspect(args: argparse.Namespace) -> int:
         raise DataError(
             f"{args.archive} is not a usable ALL-IDB archive: {len(problems)} problem(s)", problems=problems
         )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from allfuse import inference
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, not errors
+    model, spec = inference.load_model(args.model, inference.tracking_uri(args.tracking_uri))
+    with contextlib.ExitStack() as stack:
+        images = inference.gather(args.inputs, stack, spec.max_pixels)
+        if not images:
+            raise DataError(f"no images in {' '.join(map(str, args.inputs))}: give image files, folders or archives")
+        rows = inference.predict_images(model, images, progress=not args.quiet)
+    inference.write_rows(rows, args.out)
+    sys.stdout.flush()
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        print(f"allfuse predict: {len(failed)} image(s) could not be read:", file=sys.stderr)
+        for row in failed:
+            print(f"  - {row['image_id']}: {row['error']}", file=sys.stderr)
+    print(f"allfuse predict: {inference.summary(rows, spec.model_version or args.model)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from allfuse.config import load_config_files
+    from allfuse.session import keras_home_for
+    from allfuse.settings import from_config
+    from allfuse.weights import fetch_weights, needed_weights
+
+    base = args.directory / "config.yaml"
+    config = load_config_files(([base] if base.is_file() else []) + list(args.configfile))
+    wanted = needed_weights(from_config(config))
+    if not wanted:
+        print("the config needs no ImageNet weights (no backbone has weights: imagenet)")
+        return 0
+    fetch_weights(wanted, keras_home_for(args.directory) / "models", args.source)
     return 0
 
 

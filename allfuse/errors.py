@@ -57,3 +57,7 @@ MISSING = "not found"
 
 class WeightsError(AllfuseError):
     """Pretrained backbone weights are missing or cannot be loaded."""
+
+
+class TrackingError(AllfuseError):
+    """The MLflow tracking store cannot be reached, or refuses the job's credentials."""

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +30,25 @@ log = logging.getLogger(__name__)
 
 #: Seed of the backbone a random-weight (weights: null) feature cache is computed with.
 FEATURE_SEED = 0
+#: Images per backbone call when feature maps are computed (every batch padded to this shape).
+FEATURE_BATCH = 32
 
 
 def _views_for(subset: str, augment_views: int) -> list[int]:
     return list(range(1 + augment_views)) if subset == "train" else [0]
+
+
+def feature_maps(backbone: Any, images: np.ndarray, input_size: int, *, rows: np.ndarray | None = None,
+                 view: int = 0, batch_size: int = FEATURE_BATCH) -> np.ndarray:  # fmt: skip
+    """Feature maps float16 (M, H, W, C) of the frozen ``backbone`` for ``rows`` (default all) of the
+    uint8 images (N, S, S, 3), in dihedral ``view``, resized to ``input_size``: exactly what the
+    feature cache holds, so a deployed head (allfuse.predictor) sees the numbers it trained on."""
+
+    def prepare(block: np.ndarray) -> np.ndarray:
+        return resize_batch(dihedral(block, view), input_size)
+
+    maps = predict_batches(backbone, images, batch_size, rows=rows, prepare=prepare, pad=True)
+    return maps.astype(np.float16)
 
 
 def extract_features(
@@ -41,7 +57,7 @@ def extract_features(
     labels: np.ndarray,
     subsets: Mapping[str, Sequence[int]],
     settings: FeatureSettings,
-    batch_size: int = 32,
+    batch_size: int = FEATURE_BATCH,
     *,
     seed: int = FEATURE_SEED,
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -77,11 +93,7 @@ def extract_features(
         subset_views = _views_for(subset, views)
         xs, ys, ids_out, view_out = [], [], [], []
         for view in subset_views:
-            def prepare(block: np.ndarray, view: int = view) -> np.ndarray:
-                return resize_batch(dihedral(block, view), size)
-
-            maps = predict_batches(backbone, images, batch_size, rows=rows, prepare=prepare, pad=True)
-            xs.append(maps.astype(np.float16))
+            xs.append(feature_maps(backbone, images, size, rows=rows, view=view, batch_size=batch_size))
             ys.append(labels[rows].astype(np.int64))
             ids_out.append(id_array[rows])
             view_out.append(np.full(rows.size, view, dtype=np.int64))
@@ -108,7 +120,7 @@ class FeatureJob:
     settings: FeatureSettings
     outputs: Mapping[str, str | Path]
     runtime: Runtime
-    batch_size: int = 32
+    batch_size: int = FEATURE_BATCH
 
 
 def extract_dataset_features(job: FeatureJob) -> dict[str, int]:

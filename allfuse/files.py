@@ -61,13 +61,17 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def removed_on_failure(paths: Iterable[PathLike]) -> Iterator[None]:
-    """Delete ``paths`` if the block raises (or is interrupted), so that no output of a failed job
-    looks finished: a job with several outputs writes each atomically, but not all at once."""
+    """Delete ``paths`` (files, or folders with what they hold) if the block raises (or is
+    interrupted), so that no output of a failed job looks finished: a job with several outputs
+    writes each atomically, but not all at once."""
     targets = [Path(p) for p in paths]
     try:
         yield
     except BaseException:
         for target in targets:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
         raise

@@ -272,6 +272,21 @@ class StackedFusion:
         params |= {f"stacked_coef_{n}": float(self.coefficients[n]) for n in self.names}
         return params
 
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> StackedFusion:
+        """The fitted model of an :meth:`as_dict` record (the fusion weights file), to apply to new
+        images; it carries no validation probabilities."""
+        try:
+            coefficients = {str(n): float(w) for n, w in record["coefficients"].items()}
+            return cls(
+                names=tuple(sorted(coefficients)), coefficients=coefficients, intercept=float(record["intercept"]),
+                c=float(record["c"]), cv_folds=int(record["cv_folds"]), seed=int(record["seed"]),
+                n_splits=int(record["n_splits"]), n_val=int(record["n_val"]),
+                validation_probs=np.zeros((0, 2)), fallback=record.get("fallback"),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"stacked fusion record is incomplete ({exc.__class__.__name__}: {exc})") from None
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready record (for the fusion weights file): everything but the probabilities."""
         return {

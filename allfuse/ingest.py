@@ -16,15 +16,12 @@ carries the marker file ``ALLFUSE_SYNTHETIC.json`` next to its dataset folder.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import re
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +32,7 @@ from allfuse.archive import Archive, Member, open_archive, unsafe_members
 from allfuse.data import SYNTHETIC_MARKER, find_duplicates, label_counts, summarise_rows
 from allfuse.errors import DataError, IntermediateError
 from allfuse.files import sha256_array, sha256_bytes
+from allfuse.images import ImageError, decode_rgb, ingest_resize
 from allfuse.settings import ARCHIVES
 
 if TYPE_CHECKING:  # PIL is imported where images are decoded, keeping this module cheap to import
@@ -48,9 +46,6 @@ _JUNK_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}
 
 _IMAGE_NAME = re.compile(r"^Im(\d{3})_(\d+)$", re.IGNORECASE)
 _NAME_HINT = "names must be ImNNN_L (NNN = three-digit image number, L = 1 for ALL or 0 for healthy)"
-
-# 8-bit pixel formats that convert to RGB without losing or inventing information.
-_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 
 # Largest xyc or marker file read (bytes); the real xyc files are a few hundred bytes.
 _TEXT_LIMIT = 1 << 20
@@ -344,31 +339,30 @@ def _decode_images(
     still None) and, when ``image_size`` is given, the (S, S, 3) uint8 resized image."""
     rows: list[dict[str, Any]] = []
     resized: list[np.ndarray] = []
-    with _pixel_limit(max_pixels):
-        for (number, label), members in found.images.items():
-            if len(members) > 1:
-                continue  # duplicate numbers are problems already
-            decoded = _read_image(archive, members[0], layout, max_pixels, image_size, problems, warnings_)
-            if decoded is None:
-                continue
-            width, height, sha_file, sha_pixels, small = decoded
-            rows.append(
-                {
-                    "image_id": make_image_id(which, number, label),
-                    "dataset": which,
-                    "number": number,
-                    "label": label,
-                    "width": width,
-                    "height": height,
-                    "sha256_file": sha_file,
-                    "sha256_pixels": sha_pixels,
-                    "blast_count": None,
-                    "archive_path": members[0].name,
-                    "synthetic": int(synthetic),
-                }
-            )
-            if small is not None:
-                resized.append(small)
+    for (number, label), members in found.images.items():
+        if len(members) > 1:
+            continue  # duplicate numbers are problems already
+        decoded = _read_image(archive, members[0], layout, max_pixels, image_size, problems, warnings_)
+        if decoded is None:
+            continue
+        width, height, sha_file, sha_pixels, small = decoded
+        rows.append(
+            {
+                "image_id": make_image_id(which, number, label),
+                "dataset": which,
+                "number": number,
+                "label": label,
+                "width": width,
+                "height": height,
+                "sha256_file": sha_file,
+                "sha256_pixels": sha_pixels,
+                "blast_count": None,
+                "archive_path": members[0].name,
+                "synthetic": int(synthetic),
+            }
+        )
+        if small is not None:
+            resized.append(small)
     return rows, resized
 
 
@@ -472,25 +466,6 @@ def _is_number(text: str) -> bool:
     return value == value and value >= 0  # not NaN, not negative
 
 
-@contextlib.contextmanager
-def _pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Make PIL's own decompression-bomb guard fire at ``max_pixels`` and raise, not warn.
-
-    PIL warns above ``MAX_IMAGE_PIXELS`` and raises above twice that, at open time, from the
-    header; both are turned into a problem for the entry by ``_decode_rgb``.
-    """
-    from PIL import Image
-
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
 def _read_image(
     archive: Archive,
     member: Member,
@@ -502,8 +477,6 @@ def _read_image(
 ) -> tuple[int, int, str, str, np.ndarray | None] | None:
     """Decode one image member once: (width, height, sha256 of file, sha256 of RGB pixels,
     resized (S, S, 3) uint8 array or None). Appends a problem and returns None when unusable."""
-    from PIL import Image
-
     name = member.name
     # An uncompressed RGB image of max_pixels takes 3 bytes a pixel; allow headroom for metadata.
     if member.size > 4 * max_pixels + (1 << 20):
@@ -522,56 +495,25 @@ def _read_image(
         return None
     width, height = rgb_image.size
     rgb = np.asarray(rgb_image, dtype=np.uint8)
-    small = None
-    if image_size is not None:
-        # reducing_gap: box-reduce by an integer factor first, then Lanczos; indistinguishable
-        # from a plain Lanczos resize at a fraction of the cost for 2592x1944 smears.
-        resample = Image.Resampling.LANCZOS
-        small = np.asarray(rgb_image.resize((image_size, image_size), resample, reducing_gap=3.0), dtype=np.uint8)
+    small = ingest_resize(rgb_image, image_size) if image_size is not None else None
     return width, height, sha256_bytes(data), sha256_array(rgb), small
 
 
 def _decode_rgb(
     name: str, data: bytes, layout: _Layout, max_pixels: int, problems: list[str], warnings_: list[str]
 ) -> PILImage | None:
-    """The image file ``data`` of entry ``name`` decoded and converted to 8-bit RGB.
-
-    Appends a problem and returns None when it is over ``max_pixels`` (checked from the header,
-    before decoding), not 8-bit, not a JPEG or TIFF, or corrupt; a JPEG where a TIFF belongs (or
-    the reverse) is read with a warning.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    over_limit = (
-        f"{name}: image exceeds the pixel limit of {max_pixels} (config key data.max_pixels) and was not decoded "
-        "(decompression-bomb guard); replace the file, or raise the limit only if you trust it"
-    )
+    """The image file ``data`` of entry ``name`` decoded to 8-bit RGB (allfuse.images.decode_rgb),
+    or None with the reason appended to ``problems``; a JPEG where a TIFF belongs (or the
+    reverse) is read with a warning."""
     try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "TIFF")) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                problems.append(f"{over_limit} [{width}x{height} = {width * height} pixels]")
-                return None
-            img.load()
-            if img.mode not in _EIGHT_BIT_MODES:
-                problems.append(f"{name}: pixel format {img.mode!r} is not 8-bit; convert the image to 8-bit RGB")
-                return None
-            # PIL names JPEGs with a multi-picture extension (common in camera files) MPO.
-            fmt = "JPEG" if img.format == "MPO" else img.format
-            if fmt != layout.image_format:
-                warnings_.append(f"{name}: holds {fmt} data, not {layout.image_format}; it was read anyway")
-            return img.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        problems.append(f"{over_limit} [{exc}]")
+        rgb = decode_rgb(name, data, max_pixels)
+    except ImageError as exc:
+        problems.append(str(exc))
         return None
-    except UnidentifiedImageError:
-        problems.append(f"{name}: is not a readable JPEG or TIFF image; replace it with an intact copy")
-        return None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad entry
-        problems.append(
-            f"{name}: image is corrupt or truncated ({type(exc).__name__}: {exc}); replace it with an intact copy"
-        )
-        return None
+    fmt = rgb.info["source_format"]
+    if fmt != layout.image_format:
+        warnings_.append(f"{name}: holds {fmt} data, not {layout.image_format}; it was read anyway")
+    return rgb
 
 
 def _content_warnings(

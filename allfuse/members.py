@@ -73,7 +73,7 @@ class MemberJob:
 def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | None) -> HybridSettings:
     """Config settings, overridden by the study's best parameters when a study was run.
 
-    best_params_path: the tune rule's best_params.json ({"params": {name: value}, ...}) or None.
+    best_params_path: the study's best_params.json (collect_study: {"params": {name: value}, ...}) or None.
     Raises AllfuseError for an unreadable file or a key the study may not tune.
     """
     return settings.with_params(read_best_params(best_params_path)) if best_params_path else settings
@@ -81,7 +81,7 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
 
 def read_best_params(best_params_path: str) -> dict[str, Any]:
     """The tuned values of a study's best_params.json, checked to be tunable keys."""
-    rule = "tune_backbone"
+    rule = "collect_study"
     params = read_record(best_params_path, rule).get("params")
     if not isinstance(params, dict):
         raise IntermediateError(best_params_path, rule, "no 'params' mapping")
@@ -170,11 +170,15 @@ def _train(job: MemberJob, settings: HybridSettings, facts: SplitFacts, session:
     stage.run.set_tags({T.COLLAPSED: ",".join(collapsed) or "none"})
     stage.run.log_metrics(summary_metrics(rows, job.evaluation) | {"train_seconds": seconds,
                                                                    "best_epoch": float(result.best_epoch)})  # fmt: skip
-    for path in (o.predictions, o.history, o.model):
+    for path in (o.predictions, o.history):
         stage.run.log_artifact(path)
+    # The model the MLflow way (Keras flavour, signature, input example): listed under the run's
+    # logged models, loadable with mlflow.keras.load_model / mlflow.pyfunc.load_model.
+    logged = stage.run.log_keras_model(result.model)
     stage.record.update(
         dataset=job.dataset, backbone=job.backbone, seed=job.seed, fold=job.fold, device=session.device,
         mode=settings.mode, deterministic=session.deterministic, best_epoch=result.best_epoch,
         train_seconds=round(seconds, 3), tf_threads=session.tf_threads, hyperparameters=settings.as_params(),
-        predictions=Path(o.predictions).name, collapsed=collapsed,
+        predictions=Path(o.predictions).name, model=Path(o.model).name, collapsed=collapsed,
+        model_uri=logged.model_uri if logged is not None else None,
     )  # fmt: skip

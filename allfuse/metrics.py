@@ -400,20 +400,29 @@ def referral_curve(
     return rows
 
 
+#: Relative margin above the largest validation uncertainty when every validation image is
+#: retained (:func:`referral_threshold`): far above rounding noise, far below any real gap.
+REFERRAL_MARGIN = 1e-6
+
+
 def referral_threshold(
     val_labels: np.ndarray,
     val_probs: np.ndarray,
     val_unc: np.ndarray,
     target_accuracy: float,
 ) -> float | None:
-    """The largest uncertainty threshold whose retained validation accuracy meets the target.
+    """The uncertainty threshold that retains the most validation images while their accuracy
+    meets the target.
 
     Images with uncertainty <= threshold are retained (decided automatically), the rest are
-    referred. Candidate thresholds are the observed validation uncertainties, so the answer is
-    at most max(val_unc): no threshold is extrapolated beyond what validation has seen. Returns
-    None when no candidate reaches ``target_accuracy`` (in [0, 1]): even the most certain
-    validation images miss the target. Choose the threshold on validation, never on test, and
-    apply it to test with :func:`apply_referral`.
+    referred. The largest validation uncertainty u* whose retained set meets ``target_accuracy``
+    (in [0, 1]) is chosen; the threshold lies halfway between u* and the next larger validation
+    uncertainty, so no validation image sits on it and rounding noise (another thread count,
+    another machine) cannot flip a decision the validation set made. When u* is the largest
+    validation uncertainty the threshold is u* plus a relative :data:`REFERRAL_MARGIN`: no
+    threshold is extrapolated beyond what validation has seen. Returns None when no candidate
+    reaches the target: even the most certain validation images miss it. Choose the threshold on
+    validation, never on test, and apply it to test with :func:`apply_referral`.
     """
     if not 0.0 <= target_accuracy <= 1.0:
         raise ConfigError(f"referral target accuracy must lie in [0, 1]; got {target_accuracy}")
@@ -430,7 +439,17 @@ def referral_threshold(
     ok = correct_le >= target_accuracy * n_le - 1e-9
     if not ok.any():
         return None
-    return float(values[np.flatnonzero(ok)[-1]])
+    chosen = int(np.flatnonzero(ok)[-1])
+    if chosen + 1 < values.size:
+        return float((values[chosen] + values[chosen + 1]) / 2.0)
+    return float(values[chosen] + REFERRAL_MARGIN * max(abs(values[chosen]), 1e-6))
+
+
+def referred(unc: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Which images go to an expert: bool (N,), uncertainty (N,) above ``threshold``; every image
+    when ``threshold`` is None (no validation threshold met the target)."""
+    u = np.asarray(unc, dtype=np.float64)
+    return np.ones(u.shape, dtype=bool) if threshold is None else u > threshold
 
 
 def apply_referral(
@@ -448,7 +467,7 @@ def apply_referral(
     """
     correct, u = _referral_inputs(labels, probs, unc)
     n = u.shape[0]
-    retained = np.zeros(n, dtype=bool) if threshold is None else u <= threshold
+    retained = ~referred(u, threshold)
     kept = correct[retained]
     return {
         "threshold": None if threshold is None else float(threshold),

@@ -174,7 +174,8 @@ def _net_with_weights(backbone: str, input_size: int, weights: str | None) -> ke
                 f"ImageNet weights for backbone '{backbone}' are not available offline: file {file_name} is missing "
                 f"(or does not match its expected hash) in {models_dir}. Either set weights: to the local path of "
                 f"{file_name} (backbones.{backbone}.weights or hybrid.weights in the config), or pre-fill the Keras "
-                f"cache $KERAS_HOME/models/{file_name} (download it from {url}), or set weights: null"
+                f"cache $KERAS_HOME/models/{file_name} (`allfuse fetch-weights` does it where downloads work; the "
+                f"file is {url}), or set weights: null"
             ) from None
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -227,7 +228,6 @@ def _random_backbone_gain(model: keras.Model, input_size: int) -> float:
     fixed noise probe, not on data, so the same seed always rebuilds the same backbone; a power of
     two rescales exactly. Pretrained backbones are left alone.
     """
-    import keras
 
     probe = np.random.default_rng(0).uniform(0.0, 255.0, size=(4, input_size, input_size, 3)).astype("float32")
     out = predict_batches(model, probe, 32, eager=True).astype(np.float64)
@@ -288,6 +288,17 @@ def predict_batches(
     if not parts:
         return np.zeros((0, *(int(v) for v in model.output.shape[1:])), dtype=np.float32)
     return np.concatenate(parts)
+
+
+def load_model_file(path: str | Path, made_by: str) -> keras.Model:
+    """A saved Keras model (``.keras``) that rule ``made_by`` wrote, uncompiled (for inference);
+    a missing or damaged file is one line naming it and the rule (allfuse.files.reading)."""
+    import keras
+
+    from allfuse.files import reading
+
+    with reading(path, made_by) as target:
+        return keras.saving.load_model(target, compile=False)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

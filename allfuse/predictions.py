@@ -34,6 +34,8 @@ UNCERTAINTY_COLUMNS = ("predictive_entropy", "expected_entropy", "mutual_informa
 ENSEMBLE_COLUMNS = (*PREDICTION_COLUMNS, *UNCERTAINTY_COLUMNS, "n_members")
 FUSION_COLUMNS = ("rule", *ENSEMBLE_COLUMNS)
 PREDICTIONS_FILE = "predictions.csv"
+#: A member's Keras model beside its run record.
+MODEL_FILE = "model.keras"
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,9 @@ class MemberResult:
     predictions: Predictions
     path: str = ""  # the predictions file
     fold: int = 0
+    model: str = ""  # the model file (model.keras beside the record)
+    mode: str = ""  # head or finetune
+    tf_threads: int | None = None  # TensorFlow intra-op threads it trained and predicted with
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,8 @@ def load_member(run_file: PathLike) -> MemberResult:
     record, path = record_and_predictions(run_file, "train_member", ("dataset", "backbone", "seed"))
     return MemberResult(str(record["dataset"]), str(record["backbone"]), int(record["seed"]),
                         str(record.get("run_id") or ""), read_predictions(path), str(path),
-                        int(record.get("fold", 0)))  # fmt: skip
+                        int(record.get("fold", 0)), str(Path(run_file).parent / str(record.get("model", MODEL_FILE))),
+                        str(record.get("mode", "")), record.get("tf_threads"))  # fmt: skip
 
 
 def load_ensemble(run_file: PathLike) -> EnsembleResult:

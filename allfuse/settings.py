@@ -40,6 +40,8 @@ OBJECTIVES: tuple[str, ...] = tuple(_PROPS["tune"]["properties"]["objective"]["e
 TUNABLE: tuple[str, ...] = tuple(_SCHEMA["$defs"]["search_space"]["propertyNames"]["enum"])
 SPLIT_PROTOCOLS: tuple[str, ...] = tuple(_PROPS["split"]["properties"]["protocol"]["enum"])
 BASELINE_MODELS: tuple[str, ...] = tuple(_PROPS["baseline"]["properties"]["model"]["enum"])
+PACKAGE_RULES: tuple[str, ...] = tuple(_PROPS["package"]["properties"]["fusion_rule"]["enum"])
+REFERRAL_UNCERTAINTIES: tuple[str, ...] = tuple(_PROPS["package"]["properties"]["referral_uncertainty"]["enum"])
 
 #: Hybrid settings that determine head mode's cached feature maps; the others (head sizes,
 #: optimiser, epochs) change without re-extracting features.
@@ -174,7 +176,9 @@ def parse_search_space(space: Mapping[str, Any], mode: str) -> tuple[ParamSpec, 
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """One backbone's Optuna study: budget, objective, sampler and pruner settings, search space."""
+    """One backbone's Optuna study: budget, objective, sampler and pruner settings, search space,
+    and how it runs: ``workers`` jobs sharing it, ``storage`` (None = a journal file per study,
+    else a database URL)."""
 
     n_trials: int
     seed: int
@@ -184,6 +188,8 @@ class TuneSettings:
     n_startup_trials: int
     n_warmup_steps: int
     search_space: tuple[ParamSpec, ...]
+    workers: int = 1
+    storage: str | None = None
 
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
@@ -204,8 +210,9 @@ class TuneSettings:
         return _typed(cls, {**values, "search_space": specs})
 
     def identity(self) -> dict[str, Any]:
-        """What makes trials comparable: everything but the budget (a budget change tops up)."""
-        return {k: v for k, v in self.as_params().items() if k != "n_trials"}
+        """What makes trials comparable: everything but the budget (a budget change tops up), the
+        number of workers and where the study is stored (how it runs, not what it measures)."""
+        return {k: v for k, v in self.as_params().items() if k not in ("n_trials", "workers", "storage")}
 
 
 @dataclass(frozen=True)
@@ -270,6 +277,27 @@ class BaselineSettings:
 
 
 @dataclass(frozen=True)
+class PackageSettings:
+    """The packaged predictor: its fusion rule, the uncertainty that decides referral, the fold
+    whose models it holds and its registered name (``{dataset}`` replaced by the dataset)."""
+
+    fusion_rule: str
+    referral_uncertainty: str
+    fold: int
+    registered_model: str
+
+    def as_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> PackageSettings:
+        return _typed(cls, values)
+
+    def registered_name(self, dataset: str) -> str:
+        return self.registered_model.replace("{dataset}", dataset)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole experiment, typed. Build it with :func:`from_config` from a validated config."""
 
@@ -286,6 +314,7 @@ class Settings:
     data: Mapping[str, Any]
     demo: Mapping[str, Any]
     baseline: BaselineSettings
+    package: PackageSettings
     config: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -351,5 +380,6 @@ def from_config(config: Mapping[str, Any]) -> Settings:
         data=copy.deepcopy(dict(config["data"])),
         demo=copy.deepcopy(dict(config["demo"])),
         baseline=BaselineSettings.from_params(config["baseline"]),
+        package=PackageSettings.from_params(config["package"]),
         config=config,
     )

@@ -39,8 +39,9 @@ from typing import Any
 
 from allfuse import __version__, tracking
 from allfuse import tags as T
-from allfuse.errors import IntermediateError
+from allfuse.errors import IntermediateError, TrackingError
 from allfuse.files import PathLike, read_record, removed_on_failure, sha256_file, sha256_json, write_json
+from allfuse.gpu import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ class StageContext:
             T.SYNTHETIC: str(bool(synthetic)).lower(),
             T.DATASET: dataset,
         }
+        job = slurm_job_id()
+        if job is not None:
+            out[T.SLURM_JOB] = job
         return out | {f"{T.SHA256}{name}": sha256_file(path) for name, path in inputs.items()}
 
 
@@ -188,20 +192,23 @@ def open_run(context: StageContext, level: str, name: str, *, dataset: str, synt
 
 
 @contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread for the block (no-op elsewhere)."""
+def interrupt_on_sigterm(signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """SIGTERM (and the other ``signals``) raise KeyboardInterrupt in the main thread for the
+    block (no-op elsewhere), deferred while a call into the tracking store completes
+    (allfuse.tracking.interrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        tracking.interrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -231,7 +238,8 @@ def job_signals(watch_parent: bool = True) -> Iterator[None]:
     """How a workflow job meets the end of its run: SIGTERM (Snakemake or a scheduler cancelling
     it) and, with ``watch_parent``, the death of the process that started it become an interrupt
     (KeyboardInterrupt, as Ctrl-C) that unwinds every stage of the job."""
-    with interrupt_on_sigterm(), (interrupt_when_orphaned() if watch_parent else contextlib.nullcontext()):
+    stops = (signal.SIGTERM, signal.SIGINT)  # a scheduler's cancel, Ctrl-C to the process group
+    with interrupt_on_sigterm(stops), (interrupt_when_orphaned() if watch_parent else contextlib.nullcontext()):
         yield
 
 
@@ -239,8 +247,11 @@ def job_signals(watch_parent: bool = True) -> Iterator[None]:
 def stage_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool = False,
               inputs: Mapping[str, PathLike], outputs: Sequence[PathLike] = (), record: PathLike | None = None,
               tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-              resume: str | None = None, where: bool = True) -> Iterator[StageRun]:  # fmt: skip
+              resume: str | None = None, where: bool = True, finish: bool = True) -> Iterator[StageRun]:  # fmt: skip
     """Run a stage's block under its MLflow run; see the module docstring for the life it gets.
+
+    With ``finish`` False the run stays RUNNING when the block succeeds: one of several jobs that
+    share a run (a study's workers), which a later job ends.
 
     ``outputs`` are removed when the block fails; ``record`` (``run.json``) is written last, with
     the run's id added to what the stage put in ``StageRun.record``, and with ``where`` also the
@@ -253,7 +264,8 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
                          tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
         try:
             yield stage
-            stage.run.set_status("FINISHED")
+            if finish:
+                stage.run.set_status("FINISHED")
             if record is not None:
                 store = context.store
                 identity = {"run_id": stage.run.run_id}
@@ -273,6 +285,8 @@ def _close(stage: StageRun, status: str) -> None:
     """End a failed stage's run; the original error matters more than one from the store."""
     try:
         stage.run.set_status(status)
+    except TrackingError as exc:  # the server is gone: the job's rerun marks the run KILLED
+        log.error("could not mark run %s %s: %s", stage.run.run_id, status, exc)
     except Exception:
         log.exception("could not mark run %s %s", stage.run.run_id, status)
 

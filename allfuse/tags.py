@@ -1,8 +1,8 @@
 """The MLflow tag schema: every tag an allfuse run carries, in one list.
 
 Every run belongs to one level (``LEVELS``): a trial of a study, a study, a member, the classical
-baseline, an ensemble (the parent of its members), a fusion, the evaluation. Every run carries the common tags; each
-level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
+baseline, an ensemble (the parent of its members), a fusion, the evaluation, the packaged
+predictor. Every run carries the common tags; each level adds its own. A name ending in "." is a family: ``allfuse.sha256.`` stands for
 ``allfuse.sha256.<input>``, one tag per input file. ``check_tags`` says what a run's tags miss or
 hold beyond the schema; the tests run it on every run of a micro DAG, and docs/ARCHITECTURE.md
 shows :func:`schema_markdown`.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-LEVELS = ("trial", "study", "member", "baseline", "ensemble", "fusion", "evaluation")
+LEVELS = ("trial", "study", "member", "baseline", "ensemble", "fusion", "evaluation", "package")
 ALL = LEVELS
 
 # Common to every run.
@@ -32,6 +32,7 @@ MLFLOW_PARENT = "mlflow.parentRunId"
 HOST = "allfuse.host"
 PID = "allfuse.pid"
 AWAITS = "allfuse.awaits"
+SLURM_JOB = "allfuse.slurm_job_id"
 SYNTHETIC = "allfuse.synthetic"
 DATASET = "allfuse.dataset"
 SHA256 = "allfuse.sha256."
@@ -50,6 +51,8 @@ STUDY = "allfuse.study"
 STUDY_DB = "allfuse.study_db"
 SETTINGS_HASH = "allfuse.settings_hash"
 N_TRIALS = "allfuse.n_trials"
+WORKERS = "allfuse.workers"
+WORKER = "allfuse.worker"
 TRIAL = "allfuse.trial"
 TRIAL_STATE = "allfuse.trial_state"
 BEST_TRIAL = "allfuse.best_trial"
@@ -65,9 +68,17 @@ ENSEMBLE_RUNS = "allfuse.ensemble_runs."
 # The classical baseline.
 BASELINE_MODEL = "allfuse.baseline_model"
 BASELINE_RUN = "allfuse.baseline_run."
+# The packaged predictor (run tags), and what only its registered model versions carry.
+FUSION_RULE = "allfuse.fusion_rule"
+REGISTERED_MODEL = "allfuse.registered_model"
+MODEL_VERSION = "allfuse.model_version"
+PREDICTOR_SHA256 = "allfuse.predictor_sha256"
+EVALUATION_RUN = "allfuse.evaluation_run"
+PACKAGE_RUN = "allfuse.package_run"
+REFERRAL_THRESHOLD = "allfuse.referral_threshold"
 
 #: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
-VOLATILE = (HOST, PID)
+VOLATILE = (HOST, PID, SLURM_JOB)
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,7 @@ class Tag:
 _COMPUTE = ("trial", "study", "member")
 SCHEMA: tuple[Tag, ...] = (
     Tag(VERSION, ALL, True, "allfuse package version"),
-    Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion or evaluation"),
+    Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion, evaluation or package"),
     Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
     Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run"),
     Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
@@ -94,21 +105,24 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(MLFLOW_COMMIT, ALL, True, "the same commit, where MLflow's UI shows it"),
     Tag(HOST, ALL, True, "host the job ran on"),
     Tag(PID, ALL, True, "process id of the job (a RUNNING run whose process is gone ends KILLED when the next stage starts)"),
+    Tag(SLURM_JOB, ALL, False, "the Slurm job the job ran as (set only under Slurm)"),
     Tag(SYNTHETIC, ALL, True, "true when the data are the synthetic demo archives"),
     Tag(DATASET, ALL, True, "dataset(s) the run covers, comma-separated"),
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
     Tag(MLFLOW_PARENT, ("trial", "member"), True, "the study (trial) or ensemble (member) run"),
     Tag(BACKBONE, ("trial", "study", "member", "ensemble"), True, "the hybrid's backbone"),
-    Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion"), True, "fold of the split file"),
+    Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion", "package"), True, "fold of the split file"),
     Tag(SEED, ("member", "baseline"), True, "the member's seed (baseline: its estimator's seed)"),
     Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
-    Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
-    Tag(TF_THREADS, ("study", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
+    Tag(DEVICE, ("trial", "member"), True, "cpu, or gpu:<ids> the job ran on (trial: its worker's job)"),
+    Tag(TF_THREADS, ("trial", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
     Tag(TUNED, ("member",), True, "hyperparameters taken from the study's best trial ('none' without a study)"),
     Tag(STUDY, ("trial", "study"), True, "Optuna study name"),
-    Tag(STUDY_DB, ("study",), True, "the study's storage file"),
+    Tag(STUDY_DB, ("study",), True, "the study's storage: its journal file, or the database URL without a password"),
     Tag(SETTINGS_HASH, ("study",), True, "hash of what makes the study's trials comparable"),
-    Tag(N_TRIALS, ("study",), True, "the study's trial budget"),
+    Tag(N_TRIALS, ("study",), True, "the study's trial budget (finished trials, over all workers)"),
+    Tag(WORKERS, ("study",), True, "tuning jobs sharing the study (tune.workers)"),
+    Tag(WORKER, ("trial",), True, "the worker (0 .. workers-1) whose job ran the trial"),
     Tag(TRIAL, ("trial",), True, "trial number"),
     Tag(TRIAL_STATE, ("trial",), True, "COMPLETE, PRUNED or FAIL"),
     Tag(BEST_TRIAL, ("trial", "study"), False, "trial: whether it is the study's best; study: the best trial's number"),
@@ -122,11 +136,15 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),
     Tag(ENSEMBLE_RUN, ("fusion",), True, "each backbone's ensemble run"),
     Tag(MEMBER_RUNS, ("fusion",), True, "each backbone's member runs, comma-separated"),
-    Tag(FUSION_RUN, ("evaluation",), True, "each dataset's fusion run"),
+    Tag(FUSION_RUN, ("evaluation", "package"), True, "each dataset's fusion run (package: the one packaged)"),
     Tag(ENSEMBLE_RUNS, ("evaluation",), True, "each dataset's ensemble runs, comma-separated"),
     Tag(MEMBER_RUNS, ("evaluation",), True, "each dataset's member runs, comma-separated"),
     Tag(BASELINE_MODEL, ("baseline",), True, "the baseline's scikit-learn estimator (random_forest or logistic)"),
     Tag(BASELINE_RUN, ("evaluation",), False, "each dataset's baseline runs, comma-separated"),
+    Tag(MEMBER_RUNS, ("package",), True, "each backbone's packaged member runs, comma-separated"),
+    Tag(FUSION_RULE, ("package",), True, "the packaged predictor's fusion rule"),
+    Tag(REGISTERED_MODEL, ("package",), True, "registered model name in the MLflow Model Registry"),
+    Tag(MODEL_VERSION, ("package",), False, "the registered version (once registered)"),
 )
 
 

@@ -9,7 +9,7 @@
 - a member killed mid-training (SIGKILL, at an epoch line) leaves nothing that looks finished,
   its run ends KILLED, and the recovered DAG gives the same metrics as a clean run (run ids
   included, but the retried member's, a new attempt in the same store, and the fusion runs citing it);
-- a study killed mid-trial resumes where it stopped;
+- a study killed mid-trial (its worker job) resumes where it stopped;
 - nothing is written into the source tree.
 
 Each run uses its own temporary working directory holding only config.yaml; the Snakefile (and
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import re
 import signal
@@ -127,7 +128,19 @@ def test_changing_one_backbone_reruns_only_its_subtree(finished, smk):
     counts.pop("all", None)
     counts.pop("plot_results", None)  # figures of that dataset show the changed ensemble
     counts.pop("plot_folds", None)  # the per-fold figure reads the new metrics table
+    assert counts.pop("package_model") == 1  # the dataset's predictor holds the new members
     assert counts == {}, f"unexpected jobs: {counts}"
+
+
+def test_changing_the_packaged_rule_repackages_only(finished, smk):
+    config = copy.deepcopy(MICRO)
+    config["package"] = {"fusion_rule": "stacked", "registered_model": "leukaemia-{dataset}"}
+    smk.write_config(finished, config)
+    try:
+        counts = scheduled(smk, finished)
+    finally:
+        smk.write_config(finished, MICRO)
+    assert counts == {"package_model": 1, "all": 1}
 
 
 @pytest.mark.parametrize(
@@ -168,6 +181,204 @@ def test_every_metrics_row_names_a_traceable_run_with_the_tables_numbers(finishe
         if row["level"] == "member":  # scored with evaluation.ece_bins 5, as the table is
             assert f"{run.data.metrics['final_test_ece']:.6f}" == row["ece"]
             assert f"{run.data.metrics['final_test_accuracy']:.6f}" == row["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What was trained, used: MLflow models, the registered fused ensemble, allfuse predict, serving
+# ---------------------------------------------------------------------------------------------
+
+PREDICTOR = "allfuse-ALL_IDB2"
+
+
+def _fused_test_rows(workdir: Path) -> dict[str, dict[str, str]]:
+    rows = read_rows(workdir / "results/fusion/ALL_IDB2/fold0/predictions.csv")
+    return {r["image_id"]: r for r in rows if r["rule"] == "sum" and r["split"] == "test"}
+
+
+def _assert_same_as_the_run(workdir: Path, got: dict[str, dict]) -> None:
+    """p_all within 1e-5 of the run's fused (sum rule) test predictions, the same referral
+    decisions under the registered threshold, the same labels."""
+    threshold = yaml.safe_load((workdir / "results/models/ALL_IDB2/registered.json").read_text())["referral"]["threshold"]
+    fused = _fused_test_rows(workdir)
+    assert set(fused) <= set(got)
+    for image_id, row in fused.items():
+        mine = got[image_id]
+        assert mine["error"] in ("", None), mine
+        assert abs(float(mine["p_all"]) - float(row["p_all"])) <= 1e-5, image_id
+        assert str(mine["referred"]) in ("True", "1") if float(row["predictive_entropy"]) > threshold else \
+            str(mine["referred"]) in ("False", "0"), image_id  # fmt: skip
+        assert int(mine["label"]) == int(float(row["p_all"]) > 0.5), image_id
+
+
+def test_each_member_logs_its_model_and_the_registry_holds_one_version(finished):
+    import mlflow
+
+    client, runs = store_runs(finished)
+    members = [r for r in runs if r.data.tags[T.LEVEL] == "member"]
+    assert len(members) == len(MICRO["backbones"]) * len(MICRO["ensemble"]["seeds"])
+    for run in members:
+        [output] = run.outputs.model_outputs  # the run's "Logged models"
+        logged = client.get_logged_model(output.model_id)
+        assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())["uri"]
+    with tracking.fluent_store(store):
+        model = mlflow.keras.load_model(f"models:/{members[0].outputs.model_outputs[0].model_id}")
+    assert model.output.shape[-1] == 2
+    assert not (finished / "mlruns").exists()  # nothing filed under MLflow's Default experiment
+    [version] = client.search_model_versions(f"name = '{PREDICTOR}'")
+    assert str(version.version) == "1"
+    record = yaml.safe_load((finished / "results/models/ALL_IDB2/registered.json").read_text())
+    evaluation = yaml.safe_load((finished / "results/tables/run.json").read_text())
+    [fusion_row] = [r for r in read_rows(finished / "results/tables/metrics.csv")
+                    if r["level"] == "fusion" and r["rule"] == "sum"]  # fmt: skip
+    tags = version.tags
+    assert tags[T.EVALUATION_RUN] == evaluation["run_id"] and tags[T.PACKAGE_RUN] == record["run_id"]
+    assert tags[f"{T.FUSION_RUN}ALL_IDB2"] == fusion_row["mlflow_run_id"]  # the row's version, by its run
+    assert sorted(tags[T.MEMBER_RUN_IDS].split(",")) == sorted(r.info.run_id for r in members)
+    assert tags[T.GIT_COMMIT] == members[0].data.tags[T.GIT_COMMIT] and tags["test.accuracy"] == fusion_row["accuracy"]
+    assert record["check"]["max_abs_p_all_diff"] <= 1e-5 and record["check"]["referral_mismatches"] == 0
+
+
+@pytest.fixture(scope="module")
+def predicted(finished, smk) -> dict[str, dict]:
+    """`allfuse predict` on the micro archive with the registered model (models:/.../latest)."""
+    store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())["uri"]
+    out = finished / "predicted.csv"
+    done = subprocess.run([str(Path(smk.exe).with_name("allfuse")), "predict", "results/demo/ALL_IDB2.zip", "--model",
+                           f"models:/{PREDICTOR}/latest", "--tracking-uri", store, "--out", str(out)],
+                          cwd=finished, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"predicted with {PREDICTOR}/1" in done.stderr.splitlines()[-1]
+    return {r["image_id"]: r for r in read_rows(out)}
+
+
+def test_allfuse_predict_gives_the_runs_fused_test_predictions(finished, predicted):
+    assert len(predicted) == 2 * MICRO["demo"]["idb2_per_class"]  # every image of the archive
+    _assert_same_as_the_run(finished, predicted)
+    assert {r["model_version"] for r in predicted.values()} == {f"{PREDICTOR}/1"}
+
+
+def test_the_local_copy_is_the_registered_model(finished, predicted, smk, tmp_path):
+    """`allfuse predict --model results/models/<dataset>/model` on loose image files answers as the
+    registered version did on the archive."""
+    import zipfile
+
+    ids = sorted(_fused_test_rows(finished))[:4]
+    with zipfile.ZipFile(finished / "results/demo/ALL_IDB2.zip") as archive:
+        for image_id in ids:
+            (tmp_path / f"{image_id.split('/')[1]}.tif").write_bytes(archive.read(f"ALL_IDB2/img/{image_id.split('/')[1]}.tif"))
+    done = subprocess.run([str(Path(smk.exe).with_name("allfuse")), "predict", str(tmp_path), "--model",
+                           "results/models/ALL_IDB2/model"], cwd=finished, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [Path(r["image_id"]).stem for r in rows] == [i.split("/")[1] for i in ids]
+    for image_id, row in zip(ids, rows, strict=True):
+        # Other images in the backbone's batch move the last bits (1e-8 measured), nothing more.
+        assert float(row["p_all"]) == pytest.approx(float(predicted[image_id]["p_all"]), abs=1e-6)
+        assert row["model_version"] == f"{PREDICTOR}/1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_served_model_answers_the_same_over_http(finished, predicted, smk):
+    """`mlflow models serve` on the registered version: image bytes as base64 and an RGB array."""
+    import base64
+    import json
+    import urllib.request
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())["uri"]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start_server([str(Path(smk.exe).with_name("mlflow")), "models", "serve", "-m", f"models:/{PREDICTOR}/1",
+                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], finished,
+                           finished / "serve.log", f"{url}/ping", env={"MLFLOW_TRACKING_URI": store})  # fmt: skip
+
+    def post(payload: dict) -> list[dict]:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return json.loads(answer.read())["predictions"]
+
+    try:
+        ids = sorted(_fused_test_rows(finished))
+        with zipfile.ZipFile(finished / "results/demo/ALL_IDB2.zip") as archive:
+            files = {i: archive.read(f"ALL_IDB2/img/{i.split('/')[1]}.tif") for i in ids}
+        rows = post({"dataframe_split": {"columns": ["image_id", "image"],
+                                         "data": [[i, base64.b64encode(files[i]).decode()] for i in ids]}})  # fmt: skip
+        assert [r["image_id"] for r in rows] == ids
+        _assert_same_as_the_run(finished, {r["image_id"]: r for r in rows})
+        pixels = np.asarray(Image.open(io.BytesIO(files[ids[0]])).convert("RGB")).tolist()
+        [as_array] = post({"dataframe_records": [{"image_id": ids[0], "pixels": pixels}]})
+        assert as_array["p_all"] == pytest.approx(rows[0]["p_all"], abs=1e-6)
+        for row in rows:
+            assert row["p_all"] == pytest.approx(float(predicted[row["image_id"]]["p_all"]), abs=1e-6)
+            assert row["model_version"] == f"{PREDICTOR}/1"
+    finally:
+        _stop_server(server)
+
+
+def _start_server(args: list[str], cwd: Path, log: Path, url: str, env: dict | None = None) -> subprocess.Popen:
+    """A server process in its own session (stopped with :func:`_stop_server`), once ``url`` answers."""
+    import urllib.request
+
+    # The project's environment first on PATH, as an activated venv has it (MLflow starts uvicorn by name).
+    path = f"{Path(args[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    server = subprocess.Popen(args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "PATH": path, **(env or {})})  # fmt: skip
+    deadline = time.time() + 300
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            pass
+        if time.time() > deadline:
+            _stop_server(server)
+            raise AssertionError(f"{args[0]} did not answer {url} in 300 s")
+        time.sleep(1)
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def test_the_mlflow_ui_link_opens_on_the_training_runs_in_a_real_browser(finished, smk, tmp_path):
+    """The README's link, rendered by headless Chromium: the model-training view with the runs."""
+    subprocess.run([str(REPO / "services" / "install.sh"), "chromium"], check=True, timeout=600)
+    store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())
+    port = _free_port()
+    server = _start_server([str(Path(smk.exe).with_name("mlflow")), "ui", "--backend-store-uri", store["uri"], "-h",
+                            "127.0.0.1", "-p", str(port)], tmp_path, tmp_path / "ui.log",
+                           f"http://127.0.0.1:{port}/health")  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/#/experiments/{store['experiment_id']}?workflowType=machine_learning"
+        page = subprocess.run(
+            ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1600,1000", "--virtual-time-budget=30000",
+             "--dump-dom", url], capture_output=True, text=True, timeout=300,
+        ).stdout  # fmt: skip
+    finally:
+        _stop_server(server)
+    assert "Model training" in page and "Runs" in page, page[-2000:]
+    assert "package-ALL_IDB2-fold0" in page and "evaluate" in page  # the training runs, listed
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -244,7 +455,7 @@ def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
     config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
     smk.write_config(tmp_path, config)
     best = tmp_path / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2.log"
+    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2/worker0.log"  # the study's one worker
     _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
     assert not best.exists()
 

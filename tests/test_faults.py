@@ -45,9 +45,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET, BACKBONE = "ALL_IDB2", "mobilenetv2"
-TUNE_LOG = f"logs/tune/{DATASET}/fold0/{BACKBONE}.log"
+TUNE_LOG = f"logs/tune/{DATASET}/fold0/{BACKBONE}/worker0.log"
 MEMBER_LOG = f"logs/members/{DATASET}/fold0/{BACKBONE}/seed1.log"
 TUNE_OUT = [f"results/tune/{DATASET}/fold0/{BACKBONE}/{f}" for f in ("best_params.json", "trials.csv")]
+WORKER_OUT = [f"results/tune/{DATASET}/fold0/{BACKBONE}/worker0.json"]
 MEMBER_OUT = [f"results/members/{DATASET}/fold0/{BACKBONE}/seed1/{f}"
               for f in ("model.keras", "predictions.csv", "history.csv", "run.json")]  # fmt: skip
 
@@ -154,7 +155,8 @@ def interrupted(tmp_path_factory, smk) -> Interrupted:
     workdir = tmp_path_factory.mktemp("faults")
     smk.write_config(workdir, reduced(smk.micro()))
     done = Interrupted(workdir)
-    done.stages["SIGKILL"] = _interrupt(smk, workdir, signal.SIGKILL, False, TUNE_LOG, r"trial 0 epoch 1: ", TUNE_OUT)
+    done.stages["SIGKILL"] = _interrupt(smk, workdir, signal.SIGKILL, False, TUNE_LOG, r"trial 0 epoch 1: ",
+                                         [*WORKER_OUT, *TUNE_OUT])
     done.stages["SIGINT"] = _interrupt(smk, workdir, signal.SIGINT, True, MEMBER_LOG, r"epoch 1: ", MEMBER_OUT)
     done.stages["SIGTERM"] = _interrupt(smk, workdir, signal.SIGTERM, True, MEMBER_LOG, r"epoch 1: ", MEMBER_OUT)
     start = time.time()
@@ -243,7 +245,7 @@ B = f"results/baseline/{DATASET}/fold0"
 FEATURES = f"results/features/{DATASET}/fold0/{BACKBONE}"
 SPLIT = f"results/splits/{DATASET}.json"
 MANIFEST, IMAGES = f"results/data/{DATASET}/manifest.csv", f"results/data/{DATASET}/images.npy"
-STUDY_DB = f"results/tune/{DATASET}/fold0/{BACKBONE}/study.db"
+STUDY_FILE = f"results/tune/{DATASET}/fold0/{BACKBONE}/study.journal"
 
 
 #: Every file a rule reads (and parses) -> the rule that writes it.
@@ -256,9 +258,10 @@ CASES = {
     **{f"{FEATURES}/{s}.npz": "extract_features" for s in ("train", "val", "test")},
     "results/mlflow/store.json": "init_tracking",
     f"{M}/parent_run.json": "init_tracking",
-    TUNE_OUT[0]: "tune_backbone",
+    TUNE_OUT[0]: "collect_study",
     f"{M}/seed1/run.json": "train_member",
     f"{M}/seed1/predictions.csv": "train_member",
+    f"{M}/seed1/model.keras": "train_member",
     f"{E}/run.json": "aggregate_ensemble",
     f"{E}/predictions.csv": "aggregate_ensemble",
     f"{F}/run.json": "fuse_predictions",
@@ -266,12 +269,13 @@ CASES = {
     f"{B}/run.json": "train_baseline",
     f"{B}/predictions.csv": "train_baseline",
     "results/tables/metrics.csv": "evaluate",
+    "results/tables/run.json": "evaluate",
 }
 
 
 def _readers() -> dict[str, list[Callable[[str], object]]]:
     """Every file of CASES -> the library calls the rules reading it make."""
-    from allfuse import baseline, data, members, predictions, reports, splits, training_data
+    from allfuse import baseline, data, members, models, predictions, reports, splits, training_data
     from allfuse.files import read_record
     from allfuse.ingest import ingest_archive
     from allfuse.stages import SplitFacts, StoreInfo
@@ -293,6 +297,7 @@ def _readers() -> dict[str, list[Callable[[str], object]]]:
         TUNE_OUT[0]: [members.read_best_params],
         f"{M}/seed1/run.json": [predictions.load_member],
         f"{M}/seed1/predictions.csv": [lambda p: predictions.load_member(f"{M}/seed1/run.json")],
+        f"{M}/seed1/model.keras": [lambda p: models.load_model_file(p, "train_member")],
         f"{E}/run.json": [predictions.load_ensemble],
         f"{E}/predictions.csv": [lambda p: predictions.load_ensemble(f"{E}/run.json")],
         f"{F}/run.json": [predictions.load_fusion],
@@ -300,11 +305,14 @@ def _readers() -> dict[str, list[Callable[[str], object]]]:
         f"{B}/run.json": [baseline.load_baseline],
         f"{B}/predictions.csv": [lambda p: baseline.load_baseline(f"{B}/run.json")],
         "results/tables/metrics.csv": [reports.read_metrics_csv],
+        "results/tables/run.json": [lambda p: read_record(p, "evaluate")],
     }  # fmt: skip
 
 
-#: Read by a rule but never parsed: figures, which evaluate logs to MLflow as they are.
-NOT_PARSED = re.compile(r"results/plots/.*\.png$")
+#: Read by a rule but never parsed: figures, which evaluate logs to MLflow as they are, a study
+#: worker's record, which collect_study only hashes (it reads the study itself), and the
+#: packaged predictor's record, a target of rule all.
+NOT_PARSED = re.compile(r"results/plots/.*\.png$|results/tune/.*/worker\d+\.json$|results/models/.*/registered\.json$")
 DAMAGES = ("truncated", "garbage")
 
 
@@ -350,10 +358,10 @@ def test_the_cases_cover_every_file_a_rule_reads(finished, smk):
     read = {p for line in (out.stdout + out.stderr).splitlines() if line.strip().startswith("input: ")
             for p in line.split("input: ", 1)[1].split(", ")}  # fmt: skip
     parsed = {p for p in read if not NOT_PARSED.search(p)}
-    assert parsed | {STUDY_DB} == set(CASES) | {STUDY_DB}
+    assert parsed == set(CASES)
     assert set(_readers()) == set(CASES)
     # Written for people and MLflow, read by no rule: a damaged copy harms nothing downstream.
-    assert not {p for p in read if p.endswith(("trials.csv", "weights.json", "model.keras", "history.csv"))}
+    assert not {p for p in read if p.endswith(("trials.csv", "weights.json", "history.csv"))}
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -372,15 +380,22 @@ def test_a_damaged_intermediate_is_one_line_naming_it_and_its_rule(damaged_copy,
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-def test_a_damaged_study_file_is_set_aside_and_a_fresh_study_starts(damaged_copy, how, caplog):
-    from allfuse.studies import prepare_study_file
+def test_a_damaged_study_file_is_set_aside_or_resumed_from_what_it_holds(damaged_copy, how, caplog):
+    """Garbage is no journal: it is set aside and a fresh study starts. A journal cut short still
+    holds the operations before the cut (Optuna reads whole lines): the study resumes from them."""
+    from allfuse.studies import StudyPlace, prepare_study
 
-    root, before = damaged_copy(STUDY_DB, how)
-    moved = Path(STUDY_DB.replace("study.db", "study.unreadable.db.bak"))
-    assert prepare_study_file(Path(STUDY_DB), f"{DATASET}-fold0-{BACKBONE}", "any") == (0, moved)
-    [warning] = [r.getMessage() for r in caplog.records if "not a readable Optuna study" in r.getMessage()]
-    assert "\n" not in warning and warning.startswith(STUDY_DB) and "starting a fresh study" in warning
-    assert not (root / STUDY_DB).exists()
+    root, before = damaged_copy(STUDY_FILE, how)
+    settings_hash = json.loads((root / TUNE_OUT[0]).read_text())["settings_hash"]
+    place = StudyPlace(f"{DATASET}-fold0-{BACKBONE}", Path(STUDY_FILE).parent)
+    held, moved = prepare_study(place, settings_hash)
+    if how == "garbage":
+        assert (held, moved) == (0, STUDY_FILE.replace("study.journal", "study.unreadable.journal.bak"))
+        [warning] = [r.getMessage() for r in caplog.records if "not a readable Optuna journal" in r.getMessage()]
+        assert "\n" not in warning and warning.startswith(STUDY_FILE) and "starting a fresh study" in warning
+        assert not (root / STUDY_FILE).exists() and (root / moved).exists()
+    else:
+        assert moved is None and 0 <= held <= 2 and (root / STUDY_FILE).exists()  # 2: the killed trial and its retry
     assert {k: v for k, v in digests(root).items() if "tune/" not in k} == {
         k: v for k, v in before.items() if "tune/" not in k}  # fmt: skip
 

@@ -187,10 +187,26 @@ def test_member_run_holds_the_full_provenance(head_member):
         assert metrics[f"final_{subset}_ece"] == pytest.approx(ece(labels, probs, 2))
     assert metrics["best_epoch"] == record["best_epoch"] and metrics["train_seconds"] > 0
 
-    # Artifacts: predictions, history, model, resolved config.
+    # Artifacts: predictions, history, resolved config; the model is a logged model of the run
+    # (Keras flavour with a signature), which loads both ways and predicts what the member predicted.
     names = {a.path for a in c.list_artifacts(record["run_id"])}
-    assert {"predictions.csv", "history.csv", "model.keras", "config"} <= names
+    assert {"predictions.csv", "history.csv", "config"} <= names
     assert [a.path for a in c.list_artifacts(record["run_id"], "config")] == ["config/resolved_config.yaml"]
+    [output] = run.outputs.model_outputs
+    assert record["model_uri"] == f"models:/{output.model_id}"
+    logged = c.get_logged_model(output.model_id)
+    from mlflow.entities import LoggedModelStatus
+
+    assert logged.source_run_id == record["run_id"] and logged.status == LoggedModelStatus.READY
+    assert logged.experiment_id == run.info.experiment_id  # the run's experiment, not MLflow's Default
+    import mlflow
+
+    with tracking.fluent_store(store.uri):
+        keras_model = mlflow.keras.load_model(record["model_uri"])
+        pyfunc_model = mlflow.pyfunc.load_model(record["model_uri"])
+    assert pyfunc_model.metadata.get_input_schema().inputs[0].shape == (-1, *keras_model.input.shape[1:])
+    test_x = np.load(head_member["inputs"]["test"])["x"].astype(np.float32)
+    np.testing.assert_allclose(np.asarray(pyfunc_model.predict(test_x)), keras_model.predict(test_x, verbose=0), atol=1e-6)
 
     # Tags: code, config, data hashes, job identity, version, device.
     tags = run.data.tags
@@ -300,16 +316,12 @@ def test_failed_member_is_marked_failed_and_leaves_nothing_finished(tmp_path, cp
     assert failed.info.status == "FAILED"
     assert failed.data.tags["mlflow.parentRunId"] == read_json(parent)["run_id"]
 
-    # 2. A crash after the outputs were written (artifact upload): they are removed again.
-    real_log = tracking.Run.log_artifact
-
-    def failing_upload(self, path, artifact_path=None):
-        if str(path).endswith("model.keras"):
-            raise OSError("simulated artifact store failure")
-        return real_log(self, path, artifact_path)
+    # 2. A crash after the outputs were written (the model's upload): they are removed again.
+    def failing_upload(self, model, name="model"):
+        raise OSError("simulated artifact store failure")
 
     with monkeypatch.context() as mp:
-        mp.setattr(tracking.Run, "log_artifact", failing_upload)
+        mp.setattr(tracking.Run, "log_keras_model", failing_upload)
         with pytest.raises(OSError, match="artifact store"):
             members.train_member(job)
     for path in outputs_of(job):
@@ -388,7 +400,7 @@ def test_bad_best_params_are_clear_errors(tmp_path, content, message, hybrid):
     best.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(AllfuseError, match=message) as err:
         members.resolve_hyperparameters(hybrid(), str(best))
-    assert str(best) in str(err.value) and "rerun rule tune_backbone" in str(err.value)
+    assert str(best) in str(err.value) and "rerun rule collect_study" in str(err.value)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from allfuse.metrics import (
     paper_interval_check,
     predict_labels,
     referral_curve,
+    REFERRAL_MARGIN,
     referral_threshold,
     reliability,
     roc_auc,
@@ -344,15 +345,23 @@ def test_referral_curve_ties_are_deterministic() -> None:
 def test_referral_threshold_by_hand() -> None:
     y, p, unc = referral_case()
     # Retaining unc <= t: t=0.9 -> 8/10, 0.8 -> 8/9, 0.7 -> 7/8, ..., 0.3 -> 3/4, 0.2 -> 3/3.
-    assert referral_threshold(y, p, unc, 0.8) == pytest.approx(0.9)
-    assert referral_threshold(y, p, unc, 0.85) == pytest.approx(0.8)
-    assert referral_threshold(y, p, unc, 0.9) == pytest.approx(0.2)
-    assert referral_threshold(y, p, unc, 1.0) == pytest.approx(0.2)
+    # The largest validation uncertainty u* that meets the target: 0.9 (the largest, so u* plus a
+    # relative margin), 0.8 and 0.2; the threshold lies halfway to the next validation uncertainty.
+    assert referral_threshold(y, p, unc, 0.8) == pytest.approx(0.9 * (1 + REFERRAL_MARGIN), rel=1e-12)
+    assert referral_threshold(y, p, unc, 0.8) > 0.9
+    assert referral_threshold(y, p, unc, 0.85) == pytest.approx(0.85)
+    assert referral_threshold(y, p, unc, 0.9) == pytest.approx(0.25)
+    assert referral_threshold(y, p, unc, 1.0) == pytest.approx(0.25)
+    # Every decision the validation set made survives noise far below the gaps between images.
+    for target in (0.8, 0.85, 0.9):
+        t = referral_threshold(y, p, unc, target)
+        assert np.array_equal(unc <= t, (unc + 1e-9) <= t) and np.array_equal(unc <= t, (unc - 1e-9) <= t)
     # 14 of 25 right meets a 0.56 target although 0.56 * 25 = 14.000000000000002 in floating
     # point; the mistakes are the most certain images, so only retaining everything gets there.
     fourteen = probs([0.2] * 11 + [0.8] * 14)
     u25 = np.arange(25) / 25
-    assert referral_threshold(np.ones(25, int), fourteen, u25, 0.56) == pytest.approx(24 / 25)
+    assert referral_threshold(np.ones(25, int), fourteen, u25, 0.56) == pytest.approx(24 / 25, rel=1e-5)
+    assert referral_threshold(np.ones(25, int), fourteen, u25, 0.56) > 24 / 25
     wrong_first = unc[::-1].copy()  # the mistakes become the most certain images
     wrong_first[3], wrong_first[9] = 0.0, 0.05
     assert referral_threshold(y, p, wrong_first, 0.99) is None

@@ -64,6 +64,22 @@ def test_a_finished_stage_writes_its_record_last_with_the_run_identity(tmp_path,
     assert [m.step for m in tracking.client(store.uri).get_metric_history(run.info.run_id, "loss")] == [1]
 
 
+def test_a_shared_run_stays_running_for_the_job_that_ends_it(tmp_path, mlflow_store):
+    """finish=False (one of a study's workers): the record is written, the run stays RUNNING; the
+    job that resumes it later (the collecting step) ends it FINISHED."""
+    store = mlflow_store.experiment("stages-shared")
+    record = tmp_path / "worker0.json"
+    with stage_run(context(store), "member", "member-x", dataset="ALL_IDB2", inputs=inputs(tmp_path), record=record,
+                   tags=member_tags(), finish=False) as stage:  # fmt: skip
+        stage.record["worker"] = 0
+    assert read_json(record)["worker"] == 0
+    assert tracking.client(store.uri).get_run(stage.run.run_id).info.status == "RUNNING"
+    with stage_run(context(store), "member", "member-x", dataset="ALL_IDB2", inputs=inputs(tmp_path),
+                   tags=member_tags(), resume=stage.run.run_id) as again:  # fmt: skip
+        assert again.run.run_id == stage.run.run_id
+    assert tracking.client(store.uri).get_run(stage.run.run_id).info.status == "FINISHED"
+
+
 def test_a_failed_stage_ends_failed_and_leaves_no_output(tmp_path, mlflow_store):
     store = mlflow_store.experiment("stages-failed")
     out, record = tmp_path / "out.txt", tmp_path / "run.json"
@@ -231,6 +247,17 @@ def test_check_tags_names_missing_and_unlisted_tags():
     stray = ok | {"allfuse.evaluation_sha256": "x", "mlflow.user": "me"}  # MLflow's own tags are not ours
     assert T.check_tags(stray) == ["allfuse.evaluation_sha256 is not in the tag schema of level member"]
     assert T.check_tags({T.LEVEL: "nonsense"})[0].startswith(f"{T.LEVEL} is 'nonsense'")
+
+
+def test_a_run_under_slurm_records_its_job_id_which_never_changes_the_run_id(monkeypatch):
+    context = StageContext("train_member", {"dataset": "ALL_IDB2", "seed": 1})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside = context.tags("member", "ALL_IDB2", True, {})
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    inside = context.tags("member", "ALL_IDB2", True, {})
+    assert T.SLURM_JOB not in outside and inside[T.SLURM_JOB] == "1234"
+    assert not [p for p in T.check_tags(inside) if T.SLURM_JOB in p]  # an optional tag of every level
+    assert tracking.run_id_seed("1", "member", outside, 0) == tracking.run_id_seed("1", "member", inside, 0)
 
 
 def test_the_architecture_document_shows_the_tag_schema():

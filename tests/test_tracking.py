@@ -206,3 +206,93 @@ def test_deriving_a_run_id_leaves_uuid_alone_for_everyone_else(store):
     tracking.create_run(store.uri, store.experiment_id, "member-y", {})
     assert uuid.uuid4 is before and sqlalchemy_store.uuid is uuid  # nothing stays replaced
     assert uuid.uuid4() != uuid.uuid4()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_uris_never_carry_a_password(monkeypatch, tmp_path):
+    from allfuse.errors import TrackingError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.check_uri("http://tracking:5000") == "http://tracking:5000"
+    assert tracking.check_uri("postgresql+psycopg2://mlflow@db:5432/mlflow").endswith("@db:5432/mlflow")
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_PASSWORD") as refused:
+        tracking.resolve_uri("http://alice:s3cret-pw@tracking:5000", tmp_path)
+    assert "s3cret-pw" not in str(refused.value) and "http://tracking:5000" in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3cret-pw@db/mlflow")
+    with pytest.raises(TrackingError, match="PGPASSWORD") as refused:
+        tracking.resolve_uri(None, tmp_path)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+def test_an_unreachable_server_is_retried_for_retry_seconds_then_fails_fast(monkeypatch):
+    from allfuse.errors import TrackingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    c = tracking.client(uri)
+    try:
+        tracking.set_retry_seconds(1.5)
+        start = time.perf_counter()
+        with pytest.raises(TrackingError, match=rf"unreachable for \d+ s \(tracking.retry_seconds: 1.5\): {uri}"):
+            tracking.retry(c.get_experiment_by_name, "x")
+        assert 1.5 <= time.perf_counter() - start < 10
+        start = time.perf_counter()  # the outage has lasted its time: the next call (closing a run) fails at once
+        with pytest.raises(TrackingError):
+            tracking.retry(c.get_experiment_by_name, "x")
+        assert time.perf_counter() - start < 1
+        # A server that answers again within the window: the call succeeds, and the clock resets.
+        refused = None
+        try:
+            c.get_experiment_by_name("x")
+        except Exception as exc:
+            refused = exc
+        assert refused is not None and tracking.is_unreachable(refused)
+        calls = {"n": 0}
+
+        def back_after_two_tries():
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise refused
+            return "answered"
+
+        tracking.set_retry_seconds(60)
+        assert tracking.retry(back_after_two_tries) == "answered" and calls["n"] == 3
+    finally:
+        tracking.set_retry_seconds(None)
+    assert not tracking.is_unreachable(RuntimeError("(sqlite3.OperationalError) database is locked"))
+
+
+def test_the_start_up_check_names_an_unreachable_server_and_leaves_databases_alone():
+    from allfuse.errors import TrackingError
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    with pytest.raises(TrackingError, match=rf"^MLflow tracking server {uri} is unreachable \(.*Connection refused\)"):
+        tracking.check_server(uri)
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before  # MLflow's settings put back
+    tracking.check_server("sqlite:////nonexistent/folder/mlflow.db")  # no server, nothing to check
+
+
+def test_a_stop_during_a_store_call_is_raised_once_the_call_completes():
+    """An interrupt inside a sqlite write would leave the process's own abandoned connection
+    holding the database lock; the stop waits for the call, then unwinds the job."""
+    done = []
+
+    def store_call() -> int:
+        tracking.interrupt(15)  # the signal handler runs while the call is under way
+        done.append("the write completed")
+        return 1
+
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        tracking.retry(store_call)
+    assert done == ["the write completed"]
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):  # outside a store call: at once
+        tracking.interrupt(2)
+    assert tracking.retry(lambda: "next call") == "next call"  # nothing left pending

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from allfuse import tracking  # noqa: E402
 from allfuse.errors import AllfuseError  # noqa: E402
 from allfuse.session import Runtime  # noqa: E402
 from allfuse.stages import StageContext, StoreInfo, job_signals  # noqa: E402
@@ -78,6 +79,9 @@ def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -
     smk = standalone(rule) if by_hand else smk
     log = setup_logging(smk.log[0] if len(smk.log) else None)
     log.info("rule %s %s (pid %d)", smk.rule, dict(smk.wildcards.items()), os.getpid())
+    # How long tracking calls ride out an unreachable server: a setting of the job's process, read
+    # from the config (not a param: changing it reruns nothing).
+    tracking.set_retry_seconds(smk.config["tracking"]["retry_seconds"])
     start = time.perf_counter()
     try:
         with job_signals(watch_parent=not by_hand):
