@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -166,6 +166,25 @@ def job_runtime_min(shape: JobShape, attempt: int = 1) -> int:
     fixed = START_S + builds * shape.trials * BUILD_S[shape.backbone]
     work = _seconds(shape) / (GPU_SPEEDUP if shape.gpu else 1.0)
     minutes = (fixed + work) * RUNTIME_SAFETY * 2 ** (max(1, int(attempt)) - 1) / 60.0
+    return max(MIN_RUNTIME_MIN, int(math.ceil(minutes)))
+
+
+def package_memory_mb(hybrids: Sequence[HybridSettings], members: int, data_mb: float, attempt: int = 1) -> int:
+    """``mem_mb`` of a package_model job: it holds every backbone's models at once (head mode: the
+    frozen backbone and small heads; finetune: each of the ``members`` seeds a whole network)
+    and predicts the dataset's image cache (``data_mb``) in feature-extraction batches."""
+    models = sum(MODEL_MB[h.backbone] * (members if h.mode == "finetune" else 1) for h in hybrids)
+    work = max((EXTRACT_BATCH * INFER_MB[h.backbone] * h.input_size**2 / 1e4 for h in hybrids), default=0.0)
+    mb = (BASE_MB + models + work + data_mb) * HEADROOM * 2 ** (max(1, int(attempt)) - 1)
+    return int(math.ceil(mb / 100.0) * 100)
+
+
+def package_runtime_min(hybrids: Sequence[HybridSettings], images: int, attempt: int = 1) -> int:
+    """``runtime`` (minutes) of a package_model job: start-up, one build per head-mode backbone,
+    and a forward pass of every image through every backbone, with RUNTIME_SAFETY."""
+    builds = sum(BUILD_S[h.backbone] for h in hybrids if h.mode == "head")
+    work = sum(images * TRAIN_S[h.backbone] * h.input_size**2 / 1e4 * INFER_FRACTION for h in hybrids)
+    minutes = (START_S + builds + work) * RUNTIME_SAFETY * 2 ** (max(1, int(attempt)) - 1) / 60.0
     return max(MIN_RUNTIME_MIN, int(math.ceil(minutes)))
 
 

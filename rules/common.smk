@@ -1,11 +1,18 @@
 # Helpers shared by the rules: the output trees, input functions and the settings slices that
 # rules receive through params. No rules here.
 
+import os
 from pathlib import Path
 
 from allfuse import settings as afs
 from allfuse.gpu import gpu_claim, thread_share
-from allfuse.resources import job_memory_mb, job_runtime_min, shape_of
+from allfuse.resources import (
+    job_memory_mb,
+    job_runtime_min,
+    package_memory_mb,
+    package_runtime_min,
+    shape_of,
+)
 
 # Three parallel output trees: results, one log per job, one Snakemake benchmark file per job.
 RESULTS = "results"
@@ -281,6 +288,24 @@ def memory_of(kind):
     """Resource `mem_mb` of a Keras rule (allfuse.resources.job_memory_mb)."""
     return lambda wildcards, input, attempt: job_memory_mb(
         _job_shape(kind, wildcards, input), attempt
+    )
+
+
+def package_memory(wildcards, input, attempt):
+    """Resource `mem_mb` of package_model (allfuse.resources.package_memory_mb)."""
+    hybrids = [S.hybrid(b) for b in BACKBONES]
+    data_mb = (
+        os.path.getsize(input.images) / 1e6 if os.path.isfile(input.images) else 0.0
+    )
+    return package_memory_mb(hybrids, len(SEEDS), data_mb, attempt)
+
+
+def package_runtime(wildcards, input, attempt):
+    """Resource `runtime` of package_model (allfuse.resources.package_runtime_min)."""
+    side = int(S.data["image_size"])
+    size = os.path.getsize(input.images) if os.path.isfile(input.images) else 0
+    return package_runtime_min(
+        [S.hybrid(b) for b in BACKBONES], size // (side * side * 3), attempt
     )
 
 

@@ -40,8 +40,8 @@ rule package_model:
     threads: 4
     resources:
         gpu=GPU,
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=package_memory,
+        runtime=package_runtime,
         tf_threads=tf_threads,
     params:
         package=S.package.as_params(),

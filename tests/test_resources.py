@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allfuse.resources import JobShape, job_memory_mb, job_runtime_min, shape_of
+from allfuse.resources import JobShape, job_memory_mb, job_runtime_min, package_memory_mb, package_runtime_min, shape_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,20 @@ def test_memory_grows_with_input_batch_training_and_trials_and_doubles_on_retry(
     assert job_memory_mb(fewer) == mem < job_memory_mb(dataclasses.replace(base, unfrozen=200)) < job_memory_mb(every)
     assert job_memory_mb(base, attempt=2) >= 2 * mem - 100
     assert mem % 100 == 0
+
+
+def test_a_package_job_holds_every_backbone_and_in_finetune_every_member(hybrid):
+    head = [hybrid(backbone=b, input_size=s, mode="head") for b, s in (("inceptionv3", 139), ("mobilenetv2", 96))]
+    tuned = [dataclasses.replace(h, mode="finetune") for h in head]
+    mem = package_memory_mb(head, 3, 20.0)
+    assert package_memory_mb(head[1:], 3, 20.0) < mem == package_memory_mb(head, 5, 20.0)  # heads weigh nothing
+    assert package_memory_mb(tuned, 3, 20.0) < package_memory_mb(tuned, 5, 20.0)  # whole networks per member
+    assert package_memory_mb(head, 3, 500.0) > mem and package_memory_mb(head, 3, 20.0, attempt=2) >= 2 * mem - 100
+    # The largest of these, paper-sized: every backbone at its native size, five fine-tuned members each.
+    paper = [hybrid(backbone=b, input_size=s, mode="finetune")
+             for b, s in (("inceptionv3", 299), ("efficientnetb3", 300), ("mobilenetv2", 224))]  # fmt: skip
+    assert 4_000 < package_memory_mb(paper, 5, 113.0) < 20_000
+    assert package_runtime_min(head, 10_000) > package_runtime_min(head, 100) >= 10
 
 
 def test_runtime_grows_with_work_is_shorter_with_a_gpu_and_has_a_floor():
