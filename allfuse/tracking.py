@@ -465,7 +465,8 @@ class Run:
         outputs = Schema([TensorSpec(np.dtype("float32"), (-1, 2), "probabilities")])
         return self.log_model(_KERAS_FLAVOR, name, model=model, signature=ModelSignature(inputs, outputs),
                               input_example=np.zeros((1, *shape), dtype=np.float32),
-                              pip_requirements=_requirements("tensorflow", "keras"))  # fmt: skip
+                              pip_requirements=_requirements("tensorflow", "keras"),
+                              validate_serving_input=False)  # fmt: skip
 
     def set_status(self, status: str) -> None:
         """FINISHED, FAILED or KILLED end the run; RUNNING reopens it (a resumed study)."""
@@ -517,9 +518,15 @@ def _requirements(*names: str) -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 
-def _save_keras(path: str, **kwargs: Any) -> Any:
+def _save_keras(path: str, validate_serving_input: bool = False, **kwargs: Any) -> Any:
     """mlflow.keras.save_model, with the model folder made first: MLflow 3.17 writes the input
-    example before it creates the folder (FileNotFoundError under Model.log)."""
+    example before it creates the folder (FileNotFoundError under Model.log).
+
+    ``validate_serving_input`` is Model.log's switch for trying the saved model on its input
+    example (it reloads the model in a fresh pyfunc wrapper: about a second per member); the
+    member has just predicted its validation and test images with this very model, so it is off
+    here, and not passed on to the flavour, which does not take it.
+    """
     import mlflow.keras
 
     os.makedirs(path, exist_ok=True)
