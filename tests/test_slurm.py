@@ -111,8 +111,10 @@ def test_every_run_carries_the_slurm_job_it_ran_as(slurm_run, slurm):
     for run in runs:
         job = run.data.tags.get(T.SLURM_JOB)
         assert job in jobs, f"{run.info.run_name}: Slurm job {job!r} is not one the cluster ran"
-        if run.data.tags[T.LEVEL] in ("trial", "study", "member"):
+        if run.data.tags[T.LEVEL] in ("trial", "member"):
             assert jobs[job]["rule"] in KERAS_RULES
+        if run.data.tags[T.LEVEL] == "study":  # opened by a tune_backbone worker, ended by collect_study
+            assert jobs[job]["rule"] == "collect_study"
         if run.data.tags[T.LEVEL] in ("study", "member"):  # the device the job used: Slurm's card
             assert run.data.tags[T.DEVICE] == "gpu:0", run.info.run_name
 
@@ -126,7 +128,7 @@ def test_gpu_rules_asked_slurm_for_a_gpu_and_used_its_cuda_visible_devices(slurm
         asked = "gpu" in info["tres"]
         assert asked == (info["rule"] in KERAS_RULES), f"job {job} ({info['rule']}) TresPerNode={info['tres']}"
     logs = [next((workdir / "logs").rglob(pattern)) for pattern in
-            ("features/**/mobilenetv2.log", "tune/**/mobilenetv2.log", "members/**/seed1.log")]  # fmt: skip
+            ("features/**/mobilenetv2.log", "tune/**/mobilenetv2/worker0.log", "members/**/seed1.log")]  # fmt: skip
     for log in logs:
         text = log.read_text()
         found = re.search(r"Slurm job (\d+): using the GPU\(s\) Slurm allocated, CUDA_VISIBLE_DEVICES=0", text)

@@ -392,6 +392,7 @@ EXPECTED_ARTIFACTS = {
     "ensemble": {"config/resolved_config.yaml", "ensemble/predictions.csv"},
     "fusion": {"config/resolved_config.yaml"},
     "evaluation": {"config/resolved_config.yaml", "tables/metrics.csv"},
+    "package": {"config/resolved_config.yaml"},  # its model is a logged model, checked in test_end_to_end
     "trial": set(),
 }
 
