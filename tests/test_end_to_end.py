@@ -403,40 +403,35 @@ def _run_and_kill(smk, workdir: Path, target: str | None, log: Path, pattern: st
     assert proc.returncode != 0
 
 
-def test_a_member_killed_mid_training_leaves_nothing_and_the_recovered_dag_matches_a_clean_run(
-    finished, smk, tmp_path
-):
+def test_a_member_killed_mid_training_leaves_nothing_and_its_recovery_matches_a_clean_run(finished, smk, tmp_path):
+    """The member's subtree only (data, its backbone's features and study, the member): what the
+    kill and the rerun touch. Everything downstream is a pure function of the member's files."""
     smk.write_config(tmp_path, MICRO)
-    member = tmp_path / "results/members/ALL_IDB2/fold0/mobilenetv2/seed1"
+    rel = "results/members/ALL_IDB2/fold0/mobilenetv2/seed1"
+    member = tmp_path / rel
     member_log = tmp_path / "logs/members/ALL_IDB2/fold0/mobilenetv2/seed1.log"
-    _run_and_kill(smk, tmp_path, None, member_log, r"epoch 1: ")
+    _run_and_kill(smk, tmp_path, f"{rel}/run.json", member_log, r"epoch 1: ")
     assert "epoch 10:" not in member_log.read_text()  # it was killed while training
     leftovers = [p.name for p in member.glob("*") if not p.name.startswith(".")] if member.exists() else []
     assert leftovers == []
 
-    run_dag(smk, tmp_path)
+    run_dag(smk, tmp_path, f"{rel}/run.json")
     client, runs = store_runs(tmp_path)
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert [r.info.run_name for r in killed] == ["member-ALL_IDB2-fold0-mobilenetv2-seed1"]  # only the killed job's
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
-    clean = read_rows(finished / "results/tables/metrics.csv")
-    recovered = read_rows(tmp_path / "results/tables/metrics.csv")
-    retried = ("ALL_IDB2", "mobilenetv2", "member", "1")
-    [retried_id] = [r["mlflow_run_id"] for r in recovered if (r["dataset"], r["model"], r["level"], r["seed"]) == retried]
-    assert len(clean) == len(recovered)
-    for a, b in zip(clean, recovered, strict=True):
-        key = (a["dataset"], a["model"], a["level"], a["seed"])
-        same = {k: v for k, v in a.items() if k != "mlflow_run_id"}
-        assert same == {k: v for k, v in b.items() if k != "mlflow_run_id"}, key  # the same numbers
-        # Run ids derive from provenance: equal across stores, except for the retried member's new
-        # attempt and the runs whose provenance names it (the fusion that cites its run id; an
-        # ensemble's run is made before its members and names them only afterwards).
-        tags = client.get_run(b["mlflow_run_id"]).data.tags
-        cites_retry = b["mlflow_run_id"] == retried_id or any(
-            retried_id in v for k, v in tags.items() if k != T.MEMBER_RUN_IDS
-        )
-        assert (a["mlflow_run_id"] == b["mlflow_run_id"]) == (not cites_retry), key
-    assert any(r["level"] == "fusion" for r in recovered)
+    # The recovered member is the clean run's, to the bit: same predictions, same training history.
+    assert (member / "predictions.csv").read_bytes() == (finished / rel / "predictions.csv").read_bytes()
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_rows(d / rel / "history.csv")]
+               for d in (tmp_path, finished)]  # fmt: skip
+    assert untimed[0] == untimed[1] and len(untimed[0]) == MICRO["hybrid"]["epochs"]
+    # Run ids derive from provenance: equal across stores, except for the retried member's new attempt.
+    _, clean_runs = store_runs(finished)
+    clean_ids = {r.info.run_id for r in clean_runs}
+    retried = yaml.safe_load((member / "run.json").read_text())["run_id"]
+    assert retried not in clean_ids
+    others = {r.info.run_id for r in runs if r.info.status == "FINISHED"} - {retried}
+    assert others and others <= clean_ids
 
 
 def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
@@ -499,15 +494,15 @@ def test_comparisons_are_recomputable_from_the_stored_predictions(finished):
 # Every fold of a repeated k-fold split in one DAG: 3 folds x 2 repeats, two backbones, one seed.
 KFOLD = {
     **MICRO,
-    # Crops are grouped by the slide they were cut from: enough slides for 3 class-balanced folds.
+    # Crops are grouped by the slide they were cut from: enough slides for class-balanced folds.
     "demo": {**MICRO["demo"], "idb1_all": 6, "idb1_healthy": 6},
-    "split": {"protocol": "kfold", "n_folds": 3, "n_repeats": 2},
+    "split": {"protocol": "kfold", "n_folds": 3, "n_repeats": 1},  # repeats: test_splits, test_workflow
     "hybrid": {**MICRO["hybrid"], "epochs": 2, "patience": 2},
     "backbones": {"efficientnetb3": {"input_size": 32}, "mobilenetv2": {"input_size": 32}},
     "ensemble": {"seeds": [1]},
     "tune": {"n_trials": 0},
 }
-N_FOLDS = 6
+N_FOLDS = 3
 
 
 @pytest.fixture(scope="module")
@@ -521,6 +516,7 @@ def kfold(tmp_path_factory, smk) -> Path:
 def test_kfold_runs_every_fold_with_pooled_rows_counting_each_image_once_per_repeat(kfold):
     rows = read_rows(kfold / "results/tables/metrics.csv")
     n_images = 2 * KFOLD["demo"]["idb2_per_class"]
+    repeats = KFOLD["split"]["n_repeats"]
     keys = {(r["dataset"], r["model"], r["level"], r["seed"], r["rule"]) for r in rows}
     assert {k[2] for k in keys} == {"member", "baseline", "ensemble", "fusion"}
     for key in keys:
@@ -528,7 +524,7 @@ def test_kfold_runs_every_fold_with_pooled_rows_counting_each_image_once_per_rep
         assert sorted(r["fold"] for r in mine) == sorted([*map(str, range(N_FOLDS)), "pooled"]), key
         [pooled] = [r for r in mine if r["fold"] == "pooled"]
         cm = sum(int(pooled[k]) for k in ("tn", "fp", "fn", "tp"))
-        assert cm == int(pooled["n_test"]) == 2 * n_images, key  # every image once per repeat
+        assert cm == int(pooled["n_test"]) == repeats * n_images, key  # every image once per repeat
         assert int(pooled["n_folds"]) == N_FOLDS
         accs = [float(r["accuracy"]) for r in mine if r["fold"] != "pooled"]
         assert float(pooled["accuracy_fold_min"]) == pytest.approx(min(accs), abs=1e-6)
@@ -538,7 +534,7 @@ def test_kfold_runs_every_fold_with_pooled_rows_counting_each_image_once_per_rep
     seen = Counter(r["image_id"] for f in range(N_FOLDS)
                    for r in read_rows(kfold / f"results/fusion/ALL_IDB2/fold{f}/predictions.csv")
                    if r["split"] == "test" and r["rule"] == "sum")  # fmt: skip
-    assert len(seen) == n_images and set(seen.values()) == {2}
+    assert len(seen) == n_images and set(seen.values()) == {repeats}
     paired = read_rows(kfold / "results/tables/comparisons.csv")
     assert {r["fold"] for r in paired} == {*map(str, range(N_FOLDS)), "pooled"}
     assert (kfold / "results/plots/fold_accuracy.png").stat().st_size > 0
@@ -562,5 +558,5 @@ def test_kfold_reruns_stay_precise(kfold, smk):
     assert counts.get("fuse_predictions") == N_FOLDS
     assert not {"extract_features", "train_baseline", "make_splits"} & set(counts), counts
     # Another number of folds: a new split, and everything after it.
-    assert refolded.get("make_splits") == 1 and refolded.get("train_member") == 2 * 2 * 2
-    assert refolded.get("train_baseline") == 4 and refolded.get("extract_features") == 2 * 2 * 2
+    assert refolded.get("make_splits") == 1 and refolded.get("train_member") == 2 * 2
+    assert refolded.get("train_baseline") == 2 and refolded.get("extract_features") == 2 * 2

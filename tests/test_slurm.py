@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 SLURM_SH = REPO / "services" / "slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
 # Test-only overrides of the profile: one core per job (the node has this machine's 2 cores, the
-# Keras rules ask for 4 threads) and a quick first status check (the profile's 40 s suits a real
-# queue; the cluster's MinJobAge is 12 h, so squeue still sees every finished job).
-OVERRIDES = ("--max-threads", "1", "--slurm-init-seconds-before-status-checks", "2")
+# Keras rules ask for 4 threads) and quick status checks (the profile's 40 s before the first and
+# Snakemake's 10 s between rounds suit a real queue, not a test of 12 short jobs one after another;
+# the cluster's MinJobAge is 12 h, so squeue still sees every finished job).
+OVERRIDES = ("--max-threads", "1", "--slurm-init-seconds-before-status-checks", "2",
+             "--seconds-between-status-checks", "1")  # fmt: skip
 KERAS_RULES = ("extract_features", "tune_backbone", "train_member")
 
 
