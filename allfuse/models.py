@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,7 +239,7 @@ def _random_backbone_gain(model: keras.Model, input_size: int) -> float:
 
 def predict_batches(
     model: keras.Model,
-    source: np.ndarray,
+    source: Any,
     batch_size: int,
     *,
     rows: np.ndarray | None = None,
@@ -250,9 +250,10 @@ def predict_batches(
 ) -> np.ndarray:
     """``model``'s inference outputs for rows of ``source``, as NumPy: the one batched loop.
 
-    source: an array (or memory map) whose first axis is the row; ``rows`` picks rows (default
-    all), read ``chunk`` rows at a time, so a memory-mapped image cache is never loaded whole.
-    prepare: turns each chunk into model input (e.g. resize uint8 images, apply a view).
+    source: an array, or rows read on demand (``allfuse.arrays.NpyRows``), whose first axis is
+    the row; ``rows`` picks rows (default all), read ``chunk`` rows at a time, so an image cache
+    is never loaded whole (:func:`iter_predict_batches` also hands the outputs out a chunk at a
+    time). prepare: turns each chunk into model input (e.g. resize uint8 images, apply a view).
     batch_size: rows per model call.
     pad: pad a short last batch with zeros (dropped from the output) so the compiled predict
     function sees one input shape and is traced once per process: a second shape retraces the
@@ -265,18 +266,38 @@ def predict_batches(
     ``predict`` itself is never used for repeated passes: it builds a data iterator per call
     (0.17-0.21 s per epoch of head training, measured).
     """
+    parts = list(iter_predict_batches(model, source, batch_size, rows=rows, prepare=prepare, pad=pad, eager=eager,
+                                      chunk=chunk))  # fmt: skip
+    if not parts:
+        return np.zeros((0, *(int(v) for v in model.output.shape[1:])), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def iter_predict_batches(
+    model: keras.Model,
+    source: Any,
+    batch_size: int,
+    *,
+    rows: np.ndarray | None = None,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    pad: bool = False,
+    eager: bool = False,
+    chunk: int = PREDICT_CHUNK,
+) -> Iterator[np.ndarray]:
+    """:func:`predict_batches`, one output array per ``chunk`` rows, in order (a consumer that
+    writes them out holds one chunk of outputs at a time)."""
     import keras
 
     index = np.arange(source.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     use_eager = eager and keras.backend.backend() == "tensorflow"
     batch_size = max(1, int(batch_size))
-    parts = []
     for start in range(0, index.size, chunk):
         block = source[index[start : start + chunk]]
         block = prepare(block) if prepare is not None else block
         if eager and not use_eager:
-            parts.append(np.asarray(model.predict(block, batch_size=batch_size, verbose=0)))
+            yield np.asarray(model.predict(block, batch_size=batch_size, verbose=0))
             continue
+        parts = []
         for first in range(0, block.shape[0], batch_size):
             batch = block[first : first + batch_size]
             n = batch.shape[0]
@@ -284,9 +305,7 @@ def predict_batches(
                 batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype)])
             out = model(batch, training=False) if use_eager else model.predict_on_batch(batch)
             parts.append(keras.ops.convert_to_numpy(out)[:n])
-    if not parts:
-        return np.zeros((0, *(int(v) for v in model.output.shape[1:])), dtype=np.float32)
-    return np.concatenate(parts)
+        yield np.concatenate(parts)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

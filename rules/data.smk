@@ -49,6 +49,8 @@ rule combine_datasets:
         images=f"{RESULTS}/data/combined/images.npy",
     log:
         f"{LOGS}/data/combined/combine_datasets.log",
+    benchmark:
+        f"{JOBSTATS}/data/combined/combine_datasets.tsv"
     conda:
         "../envs/data.yaml"
     script:
@@ -63,6 +65,8 @@ rule make_splits:
         split=f"{RESULTS}/splits/{{dataset}}.json",
     log:
         f"{LOGS}/splits/{{dataset}}.log",
+    benchmark:
+        f"{JOBSTATS}/splits/{{dataset}}.tsv"
     conda:
         "../envs/data.yaml"
     params:

@@ -4,18 +4,18 @@ from pathlib import Path
 
 from _common import run_rule
 
-from allfuse.data import summarise_rows, write_dataset
-from allfuse.ingest import ingest_archive
+from allfuse.data import summarise_rows
+from allfuse.ingest import write_archive_dataset
 
 
 def main(smk, log):
-    rows, images = ingest_archive(
+    rows = write_archive_dataset(
         smk.input.archive,
         smk.wildcards.dataset,
+        Path(smk.output.manifest).parent,
         image_size=smk.params.image_size,
         max_pixels=smk.params.max_pixels,
     )
-    write_dataset(Path(smk.output.manifest).parent, rows, images)
     log.info("%s", summarise_rows(rows))
 
 
