@@ -126,11 +126,13 @@ def make_image_id(archive: str, number: int, label: int) -> str:
     return f"{archive}/Im{number:03d}_{label}"
 
 
-def _parts(name: str) -> list[str]:
+def path_parts(name: str) -> list[str]:
+    """The components of an archive member name (``/`` or ``\\`` separated), empty and ``.`` dropped."""
     return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
 
 
-def _is_junk(parts: Sequence[str]) -> bool:
+def is_junk(parts: Sequence[str]) -> bool:
+    """Files that file managers and archivers add on their own (``__MACOSX``, ``Thumbs.db``...)."""
     return (
         any(p.lower() in _JUNK_FOLDERS for p in parts)
         or parts[-1].lower() in _JUNK_FILES
@@ -168,7 +170,7 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
     """
     with open_archive(path) as archive:
         members = archive.members()
-        present = [name for name in ARCHIVES if any(_dataset_index(_parts(m.name), name) is not None for m in members)]
+        present = [name for name in ARCHIVES if any(_dataset_index(path_parts(m.name), name) is not None for m in members)]
         wanted = list(which) if which else present
         if not wanted:
             what = "is empty" if not members else f"holds {len(members)} entries but no ALL_IDB1 or ALL_IDB2 folder"
@@ -252,8 +254,8 @@ def _classify(archive: Archive, which: str, layout: _Layout, problems: list[str]
     for member in archive.members():
         if member.kind != "file":
             continue  # folders carry nothing; links and devices are already problems
-        parts = _parts(member.name)
-        if not parts or _is_junk(parts):
+        parts = path_parts(member.name)
+        if not parts or is_junk(parts):
             continue
         if parts[-1] == SYNTHETIC_MARKER:
             found.markers.append((parts[:-1], member))
@@ -427,7 +429,7 @@ def _read_marker(
     dataset folder itself, the marker sits in its parent, outside the listing, and is looked up on
     disk so that a synthetic copy is never mistaken for real data.
     """
-    root_parts = _parts(root) if root else None
+    root_parts = path_parts(root) if root else None
     found: Member | None = None
     for folder, member in markers:
         if root_parts is not None and folder in (root_parts[:-1], root_parts):
@@ -615,8 +617,10 @@ __all__ = [
     "ScanResult",
     "cache_rows",
     "ingest_archive",
+    "is_junk",
     "make_image_id",
     "parse_image_name",
+    "path_parts",
     "raise_problems",
     "read_image",
     "scan_all",

@@ -1,5 +1,6 @@
 # Data stage: demo archives (when no real ones are configured), validated manifests with a
-# decoded image cache, the combined dataset, and the train/val/test splits.
+# decoded image cache (ALL-IDB archives, labelled sets), the combined dataset, and the
+# train/val/test splits.
 
 
 rule make_demo_archives:
@@ -36,6 +37,28 @@ rule ingest_archive:
         max_pixels=S.data["max_pixels"],
     script:
         f"{SCRIPTS}/ingest_archive.py"
+
+
+rule ingest_labelled:
+    input:
+        source=labelled_input,
+    output:
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.csv",
+        images=f"{RESULTS}/data/{{dataset}}/images.npy",
+    log:
+        f"{LOGS}/data/{{dataset}}/ingest_labelled.log",
+    benchmark:
+        f"{JOBSTATS}/data/{{dataset}}/ingest_labelled.tsv"
+    wildcard_constraints:
+        dataset=LABELLED,
+    conda:
+        "../envs/data.yaml"
+    params:
+        image_size=S.data["image_size"],
+        max_pixels=S.data["max_pixels"],
+        fingerprint=labelled_fingerprint,
+    script:
+        f"{SCRIPTS}/ingest_labelled.py"
 
 
 rule combine_datasets:
