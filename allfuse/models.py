@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Batches of the inference loop: rows resized together, and rows per batch of feature maps (a
 # head's input is small, so large batches cost little memory).
 PREDICT_CHUNK = 256
+# ... but never more rows than fit in this many bytes (large images: 256 rows at 1024 px are
+# 800 MB), in whole batches.
+PREDICT_CHUNK_BYTES = 64 * 2**20
 
 # Channels of the last feature map (MobileNetV2 at alpha 1.0).
 _CHANNELS = {"inceptionv3": 2048, "efficientnetb3": 1536, "mobilenetv2": 1280}
@@ -291,6 +294,7 @@ def iter_predict_batches(
     index = np.arange(source.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     use_eager = eager and keras.backend.backend() == "tensorflow"
     batch_size = max(1, int(batch_size))
+    chunk = chunk_rows(source, batch_size, chunk)
     for start in range(0, index.size, chunk):
         block = source[index[start : start + chunk]]
         block = prepare(block) if prepare is not None else block
@@ -306,6 +310,15 @@ def iter_predict_batches(
             out = model(batch, training=False) if use_eager else model.predict_on_batch(batch)
             parts.append(keras.ops.convert_to_numpy(out)[:n])
         yield np.concatenate(parts)
+
+
+def chunk_rows(source: Any, batch_size: int, chunk: int = PREDICT_CHUNK) -> int:
+    """Rows read at a time from ``source``: ``chunk``, fewer when they would take more than
+    PREDICT_CHUNK_BYTES, in whole batches of ``batch_size`` (at least one batch)."""
+    row_bytes = max(1, np.dtype(source.dtype).itemsize * int(np.prod(source.shape[1:])))
+    if int(chunk) * row_bytes <= PREDICT_CHUNK_BYTES:
+        return int(chunk)
+    return max(batch_size, PREDICT_CHUNK_BYTES // row_bytes // batch_size * batch_size)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

@@ -103,8 +103,13 @@ def test_save_and_load_features_round_trip(tmp_path):
         np.testing.assert_array_equal(back[key], value)
     assert back["x"].dtype == np.float16 and back["ids"].dtype.kind == "U"
     assert [p.name for p in path.parent.iterdir()] == ["train.npz"]  # no temporary left behind
+    assert sorted(np.load(path).files) == ["ids", "view", "x", "y"]  # numpy's own .npz reader reads it too
     with pytest.raises(DataError, match="not found"):
         load_features(tmp_path / "missing.npz")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"feature file .*cut.npz is unreadable .*rerun the extract_features rule"):
+        load_features(cut)
 
 
 @pytest.mark.slow
