@@ -21,7 +21,7 @@ largest size within 1.3x of the smallest; every job's peak RSS under 2 GB (1907 
 per-image ratio also gains from the fixed start-up being shared by more images, so the table
 adds the marginal cost (extra seconds per extra image) next to the per-image cost of the small run.
 
-Run (about 10 minutes on 2 cores, generation included)::
+Run (3-5 minutes on 2 cores, generation included)::
 
     .venv/bin/python benchmarks/bench_scale.py
     .venv/bin/python benchmarks/bench_scale.py --sizes 500 2000 5000 --out /tmp/scale --keep
