@@ -12,7 +12,9 @@ their own or as an uncompressed member of an ``.npz`` file (how ``numpy.savez`` 
   refuses to finish while a row is missing.
 - :func:`write_npy_stream` writes a ``.npy`` stream (e.g. a zip member) block by block, in order.
 
-Truncated or malformed files raise ``DataError`` naming the file; callers add what to rerun.
+Truncated or malformed files raise :class:`ArrayFileError` (a ``DataError``) naming the file;
+callers that read a workflow's intermediate turn its ``problem`` into an ``IntermediateError``
+naming the rule that writes the file.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
 
+class ArrayFileError(DataError):
+    """A file (or ``.npz`` member) that is not the array it should be: ``problem`` says what is
+    wrong without naming the file, for callers that name it themselves."""
+
+    def __init__(self, path: PathLike, problem: str, member: str | None = None) -> None:
+        self.path, self.member = Path(path), member
+        self.problem = f"{member}: {problem}" if member else problem
+        super().__init__(f"{path}{f' ({member})' if member else ''}: {problem}")
+
+
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
     """The header dictionary of a C-order ``.npy`` array (what ``np.save`` writes)."""
     return {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
@@ -52,15 +64,15 @@ def write_npy_header(fh: IO[bytes], shape: tuple[int, ...], dtype: np.dtype) -> 
         np.lib.format.write_array_header_2_0(fh, header)
 
 
-def _read_header(fh: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype]:
+def _read_header(fh: IO[bytes], path: PathLike, member: str | None = None) -> tuple[tuple[int, ...], np.dtype]:
     try:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = reader(fh)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{where}: not a readable .npy array ({exc})") from None
+        raise ArrayFileError(path, f"not a readable .npy array ({exc})", member) from None
     if fortran or dtype.hasobject:
-        raise DataError(f"{where}: holds a {'Fortran-order' if fortran else 'object'} array, not C-order data")
+        raise ArrayFileError(path, f"holds a {'Fortran-order' if fortran else 'object'} array, not C-order data", member)
     return tuple(int(n) for n in shape), dtype
 
 
@@ -148,10 +160,10 @@ class NpyRows(RowSource):
                 first, size = int(index[start]), (stop - start) * self.row_bytes
                 data = os.pread(fd, size, self.offset + first * self.row_bytes)
                 if len(data) != size:
-                    raise DataError(f"{self.name}: file is truncated (rows from {first} on are missing)")
+                    raise ArrayFileError(self.name, f"file is truncated (rows from {first} on are missing)")
                 flat[start:stop] = np.frombuffer(data, dtype=np.uint8).reshape(-1, self.row_bytes)
         except OSError as exc:
-            raise DataError(f"{self.name}: cannot be read ({exc.strerror})") from None
+            raise ArrayFileError(self.name, f"cannot be read ({exc.strerror})") from None
         finally:
             os.close(fd)
         return out
@@ -184,41 +196,42 @@ class RowStack(RowSource):
 
 
 def open_npy(path: PathLike) -> NpyRows:
-    """Rows of a ``.npy`` file; DataError when it is not one or is shorter than its header says."""
+    """Rows of a ``.npy`` file; ArrayFileError when it is not one or is shorter than its header says."""
     p = Path(path)
     try:
         with open(p, "rb") as fh:
-            shape, dtype = _read_header(fh, str(p))
+            shape, dtype = _read_header(fh, p)
             offset = fh.tell()
             size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
-        raise DataError(f"{p}: cannot be read ({exc.strerror})") from None
+        raise ArrayFileError(p, f"cannot be read ({exc.strerror})") from None
     rows = NpyRows(p, offset, shape, dtype)
     if size < offset + rows.nbytes:
-        raise DataError(f"{p}: file is truncated ({size} bytes, its header promises {offset + rows.nbytes})")
+        raise ArrayFileError(p, f"file is truncated ({size} bytes, its header promises {offset + rows.nbytes})")
     return rows
 
 
 def open_npz_member(path: PathLike, archive: zipfile.ZipFile, member: str) -> NpyRows:
     """Rows of the array ``member`` (e.g. ``"x.npy"``) of an open ``.npz`` file, read from the file
-    in place; DataError when the member is compressed or shorter than its header says."""
+    in place; ArrayFileError when the member is compressed or shorter than its header says."""
     where = f"{path} ({member})"
     info = archive.getinfo(member)
     if info.compress_type != zipfile.ZIP_STORED:
-        raise DataError(f"{where}: the array is compressed; only uncompressed .npz files (numpy.savez) are read")
+        raise ArrayFileError(path, "the array is compressed; only uncompressed .npz files (numpy.savez) are read", member)
     with open(path, "rb") as fh:
         fh.seek(info.header_offset)
         fields = _ZIP_LOCAL_HEADER.unpack(fh.read(_ZIP_LOCAL_HEADER.size))
         if fields[0] != _ZIP_LOCAL_MAGIC:
-            raise DataError(f"{where}: bad zip entry header")
+            raise ArrayFileError(path, "bad zip entry header", member)
         name_length, extra_length = fields[-2], fields[-1]
         start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
         fh.seek(start)
-        shape, dtype = _read_header(fh, where)
+        shape, dtype = _read_header(fh, path, member)
         offset = fh.tell()
     rows = NpyRows(path, offset, shape, dtype, name=where)
     if info.file_size != offset - start + rows.nbytes:
-        raise DataError(f"{where}: the entry holds {info.file_size} bytes, its header promises {offset - start + rows.nbytes}")
+        raise ArrayFileError(path, f"the entry holds {info.file_size} bytes, its header promises "
+                             f"{offset - start + rows.nbytes}", member)  # fmt: skip
     return rows
 
 
@@ -293,5 +306,5 @@ def write_npy_stream(fh: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, blo
     return count
 
 
-__all__ = ["COPY_ROWS", "NpyRowWriter", "NpyRows", "RowSource", "RowStack", "npy_header", "open_npy",
+__all__ = ["COPY_ROWS", "ArrayFileError", "NpyRowWriter", "NpyRows", "RowSource", "RowStack", "npy_header", "open_npy",
            "open_npz_member", "write_npy_header", "write_npy_stream"]  # fmt: skip

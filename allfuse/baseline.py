@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: The ``backbone`` of a baseline's run record (so member-style readers can read it) and the
 #: ``level`` of its MLflow run.
 BASELINE = "baseline"
-#: Images turned into features at a time (bounds the float copies of a memory-mapped cache).
+#: Images turned into features at a time (bounds the float copies of a cache read on demand).
 FEATURE_CHUNK = 16
 #: BT.601 luma weights of R, G, B: the grey level of the grid.
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -290,6 +290,7 @@ def _fit(job: BaselineJob, facts: SplitFacts, stage: StageRun) -> None:
 def load_baseline(run_file: PathLike) -> BaselineResult:
     """A baseline from its ``run.json`` (dataset, model, seed, run_id) and the predictions beside it."""
     record, path = record_and_predictions(run_file, "train_baseline", ("dataset", "model", "seed"))
+    predictions = read_predictions(path, made_by="train_baseline")
     return BaselineResult(str(record["dataset"]), str(record["model"]), int(record["seed"]),
-                          str(record.get("run_id") or ""), read_predictions(path), str(path),
+                          str(record.get("run_id") or ""), predictions, str(path),
                           int(record.get("fold", 0)))  # fmt: skip

@@ -3,6 +3,7 @@
     allfuse make-demo-archives OUT_DIR [--seed N] [--format zip|tar|tar.gz|dir]
     allfuse inspect ARCHIVE [--max-pixels N] [--which ALL_IDB1|ALL_IDB2 | --labelled NAME]
     allfuse predict INPUT... --model URI [--out predictions.csv] [--tracking-uri URI]
+    allfuse fetch-weights [--configfile FILE ...] [--directory DIR] [--source URL|DIR]
     allfuse --version
 
 Any ``AllfuseError`` is printed as one ``allfuse: error: ...`` message (with every problem listed)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     inspect.set_defaults(func=_inspect)
     _add_predict(commands)
+    _add_fetch_weights(commands)
     return parser
 
 
@@ -113,6 +115,27 @@ def _add_predict(commands: Any) -> None:
                               "sqlite:///results/mlflow/mlflow.db)")  # fmt: skip
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_predict)
+
+
+def _add_fetch_weights(commands: Any) -> None:
+    fetch = commands.add_parser(
+        "fetch-weights",
+        help="put the ImageNet weights the config needs into the Keras cache the jobs read",
+        description=(
+            "Put every ImageNet weights file the config needs (backbones with weights: imagenet) into the Keras cache "
+            "the workflow's jobs read ($KERAS_HOME/models, else .keras/models in the working directory), checked "
+            "against Keras' own hashes; one line per file; files already there and intact are left alone. Run it "
+            "where downloads work (a login node) before the jobs run where they do not."
+        ),
+    )
+    fetch.add_argument("--configfile", type=Path, action="append", default=[],
+                       help="config file merged over DIR/config.yaml, as for snakemake (repeatable)")  # fmt: skip
+    fetch.add_argument("--directory", type=Path, default=Path("."),
+                       help="the workflow's working directory (default: the current one)")  # fmt: skip
+    fetch.add_argument("--source", default=None,
+                       help="where the files are: a base URL (http, https, file) or a folder holding them by name "
+                            "(default: Keras' own URLs)")  # fmt: skip
+    fetch.set_defaults(func=_fetch_weights)
 
 
 def _make_demo_archives(args: argparse.Namespace) -> int:
@@ -163,6 +186,22 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"  - {row['image_id']}: {row['error']}", file=sys.stderr)
     print(f"allfuse predict: {inference.summary(rows, spec.model_version or args.model)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from allfuse.config import load_config_files
+    from allfuse.session import keras_home_for
+    from allfuse.settings import from_config
+    from allfuse.weights import fetch_weights, needed_weights
+
+    base = args.directory / "config.yaml"
+    config = load_config_files(([base] if base.is_file() else []) + list(args.configfile))
+    wanted = needed_weights(from_config(config))
+    if not wanted:
+        print("the config needs no ImageNet weights (no backbone has weights: imagenet)")
+        return 0
+    fetch_weights(wanted, keras_home_for(args.directory) / "models", args.source)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

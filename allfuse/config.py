@@ -14,9 +14,10 @@ import copy
 import difflib
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -204,8 +205,8 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
 
 def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     """Cross-key rules a JSON schema cannot express; ConfigError with one line per problem."""
-    problems = _check_input_sizes(config, schema) + _check_search_spaces_used(config) + _check_package_fold(config)
-    problems += _check_datasets(config, schema)
+    problems = (_check_input_sizes(config, schema) + _check_search_spaces_used(config) + _check_package_fold(config)
+                + _check_study_storage(config) + _check_datasets(config, schema))  # fmt: skip
     spaces = {"tune.search_space": config["tune"]["search_space"]}
     for name, block in config["backbones"].items():
         if "search_space" in block:
@@ -287,6 +288,21 @@ def _check_search_spaces_used(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _check_study_storage(config: Mapping[str, Any]) -> list[str]:
+    """A database URL for the studies must not carry a password: the resolved config is stored
+    with every MLflow run and hashed into its tags."""
+    url = config["tune"].get("storage")
+    if url and urlsplit(url).password:
+        return [
+            (
+                "config key 'tune.storage' holds a password, and the config is stored with every MLflow run: "
+                "remove it from the URL and give it to the database client instead (PostgreSQL: ~/.pgpass or "
+                "PGPASSWORD)"
+            )
+        ]
+    return []
+
+
 def _resolved(node: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
     """A property schema with its local ``$ref`` merged in (the property's own keywords win)."""
     ref = node.get("$ref")
@@ -342,9 +358,8 @@ def _check_search_param(at: str, spec: Mapping[str, Any], setting: Mapping[str, 
     return problems
 
 
-def load_config(path: Path | str) -> dict[str, Any]:
-    """Read a YAML config file and validate it."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, unvalidated; ConfigError naming the file when it is not one."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -354,4 +369,29 @@ def load_config(path: Path | str) -> dict[str, Any]:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def load_config(path: Path | str) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    return validate_config(_read_yaml(Path(path)))
+
+
+def load_config_files(paths: Sequence[Path | str]) -> dict[str, Any]:
+    """The workflow config Snakemake builds from config files given in order (the Snakefile's
+    config.yaml, then each --configfile): later files override earlier ones key by key, mappings
+    recursively. Validated, defaults filled in."""
+    if not paths:
+        raise ConfigError("no config file: give one with --configfile, or run where config.yaml is")
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = _merged(config, _read_yaml(Path(path)))
     return validate_config(config)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+    return out

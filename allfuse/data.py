@@ -6,7 +6,9 @@ to one common square size S. ``allfuse.ingest`` (ALL-IDB archives) and ``allfuse
 (labelled folders and CSV files) validate a source and build both; this module writes them
 atomically (:func:`dataset_writer`: the cache row by row, so memory does not grow with the
 number of images), reads them back with typed values (the cache's rows on demand,
-``allfuse.arrays.NpyRows``), pools datasets and summarises them.
+``allfuse.arrays.NpyRows``), pools datasets and summarises them. Rule ``ingest_archive`` writes
+an archive's folder, ``ingest_labelled`` a labelled set's, ``combine_datasets`` the ``combined``
+one (:func:`producer_rule`): a damaged file names that rule (``allfuse.files.reading``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from allfuse.arrays import COPY_ROWS, NpyRows, NpyRowWriter, RowStack, open_npy
-from allfuse.errors import DataError
-from allfuse.files import atomic_path, read_csv, write_csv
+from allfuse.arrays import COPY_ROWS, ArrayFileError, NpyRows, NpyRowWriter, RowStack, open_npy
+from allfuse.errors import DataError, IntermediateError
+from allfuse.files import atomic_path, read_table, reading, write_csv
+from allfuse.settings import ARCHIVES
 
 MANIFEST_COLUMNS = (
     "image_id",
@@ -122,24 +125,26 @@ def write_dataset(out_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, A
 _INT_COLUMNS = ("number", "label", "width", "height", "synthetic")
 
 
+def producer_rule(path: str | os.PathLike[str]) -> str:
+    """The rule that writes a dataset folder's files (the folder is named after the dataset):
+    combine_datasets for ``combined``, ingest_archive for an archive's (ALL_IDB1, ALL_IDB2), else
+    ingest_labelled (a labelled set: any other name, ``data.labelled``)."""
+    name = Path(path).parent.name
+    if name == "combined":
+        return "combine_datasets"
+    return "ingest_archive" if name in ARCHIVES else "ingest_labelled"
+
+
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a manifest.csv with typed values: ints for number, label, width, height, synthetic
-    and blast_count (None when empty). Raises ``DataError`` for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: manifest not found; run the ingest step first")
-    try:
-        raw = read_csv(p)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{p}: cannot be read as CSV ({exc}); delete it and rerun the ingest step") from None
+    and blast_count (None when empty). Raises ``IntermediateError`` for a missing or damaged file."""
+    p, rule = Path(path), producer_rule(path)
+    raw = read_table(p, rule, MANIFEST_COLUMNS)
     if not raw:
-        raise DataError(f"{p}: manifest has no rows; delete it and rerun the ingest step")
+        raise IntermediateError(p, rule, "manifest has no rows")
     columns = tuple(raw[0].keys())
     if columns != MANIFEST_COLUMNS:
-        raise DataError(
-            f"{p}: manifest columns are {list(columns)}, expected {list(MANIFEST_COLUMNS)}; "
-            "delete it and rerun the ingest step"
-        )
+        raise IntermediateError(p, rule, f"manifest columns are {list(columns)}, expected {list(MANIFEST_COLUMNS)}")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -150,31 +155,30 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 typed[column] = int(row[column])
             typed["blast_count"] = int(row["blast_count"]) if row["blast_count"] not in ("", None) else None
         except (TypeError, ValueError):
-            problems.append(f"{p} line {line}: a value of {', '.join(_INT_COLUMNS)} or blast_count is not an integer")
+            problems.append(f"line {line}: a value of {', '.join(_INT_COLUMNS)} or blast_count is not an integer")
             continue
         if typed["label"] not in LABEL_NAMES or typed["synthetic"] not in (0, 1):
-            problems.append(f"{p} line {line}: label must be 0 or 1 and synthetic 0 or 1")
+            problems.append(f"line {line}: label must be 0 or 1 and synthetic 0 or 1")
         if typed["image_id"] in seen:
-            problems.append(f"{p} line {line}: image_id {typed['image_id']} appears twice")
+            problems.append(f"line {line}: image_id {typed['image_id']} appears twice")
         seen.add(typed["image_id"])
         rows.append(typed)
     if problems:
-        raise DataError(f"{p}: manifest is malformed; delete it and rerun the ingest step", problems=problems)
+        raise IntermediateError(p, rule, "manifest is malformed", problems)
     return rows
 
 
 def load_images(path: str | os.PathLike[str], lazy: bool = True) -> NpyRows | np.ndarray:
     """The uint8 (N, S, S, 3) image cache: by default its rows are read when indexed
     (``allfuse.arrays.NpyRows``: nothing is loaded or memory-mapped up front), else in memory."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: image cache not found; run the ingest step first")
-    try:
-        images = open_npy(p)
-    except DataError as exc:
-        raise DataError(f"{exc}; delete it and rerun the ingest step") from None
+    rule = producer_rule(path)
+    with reading(path, rule) as p:
+        try:
+            images = open_npy(p)
+        except ArrayFileError as exc:
+            raise IntermediateError(p, rule, exc.problem) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DataError(f"{p}: holds {images.dtype} {images.shape}, expected uint8 (N, S, S, 3); delete it and rerun")
+        raise IntermediateError(p, rule, f"holds {images.dtype} {images.shape}, expected uint8 (N, S, S, 3)")
     return images if lazy else np.asarray(images)
 
 
@@ -255,6 +259,7 @@ __all__ = [
     "find_duplicates",
     "label_counts",
     "load_images",
+    "producer_rule",
     "read_manifest",
     "summarise_rows",
     "write_dataset",

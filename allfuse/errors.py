@@ -28,5 +28,36 @@ class DataError(AllfuseError):
         super().__init__(message)
 
 
+class IntermediateError(DataError):
+    """A file an earlier rule of the workflow wrote is missing, cut short or not in its format.
+
+    Whatever the reader found, the message is ONE line: the file, what is wrong with it, and how
+    to make it again (the rule that writes it; ``snakemake --forcerun <file>`` reruns that job and
+    everything downstream of it). Every reader of an intermediate says it this way, through
+    ``allfuse.files.reading``; ``problems`` keeps every bad entry found, the message shows the first.
+    """
+
+    def __init__(self, path: object, made_by: str, problem: str, problems: list[str] | None = None) -> None:
+        self.path, self.made_by = str(path), made_by
+        text = " ".join(str(problem).split())  # one line, whatever the underlying error printed
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            text = f"{text}: {' '.join(str(problems[0]).split())}{more}"
+        if problem == MISSING:
+            remedy = f"it is written by rule {made_by} (run the workflow up to it)"
+        else:
+            remedy = f"delete it and rerun rule {made_by} (`snakemake --forcerun {path}` does both)"
+        AllfuseError.__init__(self, f"{path}: {text}; {remedy}")
+        self.problems = list(problems or [])
+
+
+#: The problem text of an intermediate that does not exist (yet).
+MISSING = "not found"
+
+
 class WeightsError(AllfuseError):
     """Pretrained backbone weights are missing or cannot be loaded."""
+
+
+class TrackingError(AllfuseError):
+    """The MLflow tracking store cannot be reached, or refuses the job's credentials."""

@@ -297,7 +297,7 @@ def start_ensemble_run(context: StageContext, dataset: str, backbone: str, *, se
     facts = SplitFacts.read(split)
     tags = {T.BACKBONE: backbone, T.FOLD: fold, T.SEEDS: list(seeds)}
     stage = open_run(context, "ensemble", run_name("ensemble", dataset, fold, backbone), dataset=dataset,
-                     synthetic=facts.synthetic, inputs=inputs, tags=tags)  # fmt: skip
+                     synthetic=facts.synthetic, inputs=inputs, tags=tags, awaits="aggregate_ensemble")  # fmt: skip
     store = context.store
     parent = {"run_id": stage.run.run_id, "experiment": store.experiment if store else None,
               "experiment_id": store.experiment_id if store else None, "tracking_uri": store.uri if store else None}  # fmt: skip

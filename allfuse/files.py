@@ -1,7 +1,13 @@
-"""Atomic file output, hashing and small JSON/CSV helpers.
+"""Atomic file output, hashing, small JSON/CSV helpers, and reading what earlier rules wrote.
 
 Every file the workflow produces is written to a temporary name in the destination folder and
 renamed into place, so a job killed mid-write never leaves a file that looks finished.
+
+Every reader of an intermediate (a file an earlier rule wrote: run records, predictions, tables,
+manifests, splits, feature and image caches) reads it inside :func:`reading`, so a missing,
+cut-short or garbage copy is said one way: one ``IntermediateError`` line naming the file and
+the rule that makes it again, never a traceback. :func:`read_record` (JSON objects) and
+:func:`read_table` (CSV tables) are the two text formats' readers.
 """
 
 from __future__ import annotations
@@ -9,17 +15,25 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from allfuse.errors import MISSING, AllfuseError, IntermediateError
+
 PathLike = str | os.PathLike[str]
+
+#: What parsing a damaged file raises: I/O errors, bad text or JSON (ValueError covers
+#: UnicodeDecodeError and JSONDecodeError), bad CSV, a cut-short zip (.npz) or array.
+READ_ERRORS = (OSError, ValueError, EOFError, csv.Error, zipfile.BadZipFile)
 
 
 @contextlib.contextmanager
@@ -97,6 +111,61 @@ def write_json(path: PathLike, obj: Any) -> None:
 def read_json(path: PathLike) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def describe(exc: BaseException) -> str:
+    """``ExceptionClass: first line of its message``: what a reader says it ran into."""
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
+
+
+@contextlib.contextmanager
+def reading(path: PathLike, made_by: str) -> Iterator[Path]:
+    """Read a file that rule ``made_by`` wrote: yields its path; a missing file, and any error
+    the block raises while parsing it (``READ_ERRORS``), becomes one IntermediateError line
+    naming the file and the rule. Readers raise IntermediateError themselves for what parses
+    but is wrong (a missing column, a bad row)."""
+    target = Path(path)
+    if not target.is_file():
+        raise IntermediateError(target, made_by, MISSING)
+    try:
+        yield target
+    except AllfuseError:
+        raise
+    except READ_ERRORS as exc:
+        raise IntermediateError(target, made_by, f"unreadable ({describe(exc)})") from None
+
+
+def read_record(path: PathLike, made_by: str) -> dict[str, Any]:
+    """A JSON object rule ``made_by`` wrote (run.json, store.json, a split, best_params.json)."""
+    with reading(path, made_by) as target:
+        record = read_json(target)
+    if not isinstance(record, dict):
+        raise IntermediateError(target, made_by, "not a JSON object")
+    return record
+
+
+def read_table(path: PathLike, made_by: str, columns: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The rows of a CSV table rule ``made_by`` wrote (``write_csv``), checked whole: the header
+    holds ``columns``, every row has the header's number of cells, and the file ends with the
+    line break every row ends with (a file cut short mid-row does not)."""
+    with reading(path, made_by) as target:
+        text = target.read_text(encoding="utf-8")
+        if not text.strip():
+            raise IntermediateError(target, made_by, "empty")
+        lines = list(csv.reader(io.StringIO(text, newline="")))
+        if not text.endswith("\n"):
+            raise IntermediateError(target, made_by, f"cut short (line {len(lines)} does not end)")
+    header = lines[0]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise IntermediateError(target, made_by, f"missing column(s) {', '.join(missing)}; expected "
+                                f"{', '.join(columns)} (see docs/ARCHITECTURE.md)")  # fmt: skip
+    ragged = [f"line {i}: {len(row)} cells, the header has {len(header)}"
+              for i, row in enumerate(lines[1:], start=2) if len(row) != len(header)]  # fmt: skip
+    if ragged:
+        raise IntermediateError(target, made_by, "damaged rows", ragged)
+    return [dict(zip(header, row, strict=True)) for row in lines[1:]]
 
 
 def write_csv(path: PathLike, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> None:

@@ -10,6 +10,11 @@ dies, so a crashed job never leaves a slot taken. When every slot stays busy pas
 A ``CUDA_VISIBLE_DEVICES`` the user or the scheduler already set is respected as it is (no lock).
 With no GPU (or no ``nvidia-smi``) the job runs on the CPU and the variable is left alone.
 
+Inside a Slurm job (``SLURM_JOB_ID`` set) the allocator steps aside and says so: the GPU is the one
+Slurm allocated (it sets ``CUDA_VISIBLE_DEVICES`` from the job's GRES), and a job Slurm gave no
+GPU runs on the CPU with every card hidden, so it never takes one allocated to another job. Lock
+files would not help there anyway: their numbers mean different cards on different nodes.
+
 This module never imports TensorFlow, except ``enable_memory_growth``, meant for after import.
 """
 
@@ -31,7 +36,13 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 ENV = "CUDA_VISIBLE_DEVICES"
+SLURM_JOB = "SLURM_JOB_ID"
 _FRAMEWORKS = ("tensorflow", "jax", "torch")
+
+
+def slurm_job_id() -> str | None:
+    """The id of the Slurm job this process runs in, None outside Slurm."""
+    return os.environ.get(SLURM_JOB) or None
 
 
 def count_gpus() -> int:
@@ -54,8 +65,8 @@ class GpuSlot:
 
     device: "cpu", or "gpu:<ids>" with the physical GPU id(s) as CUDA_VISIBLE_DEVICES names them.
     index: the (first) physical GPU index, or None on CPU or for ids that are not numbers.
-    source: "env" (CUDA_VISIBLE_DEVICES was already set), "lock" (a slot of our own), "shared"
-    (all slots were busy) or "none" (no GPU).
+    source: "env" (CUDA_VISIBLE_DEVICES was already set), "slurm" (what the Slurm job was
+    allocated), "lock" (a slot of our own), "shared" (all slots were busy) or "none" (no GPU).
     """
 
     device: str
@@ -142,6 +153,20 @@ def _preset_slot(preset: str) -> GpuSlot:
     return GpuSlot(f"gpu:{','.join(ids)}", int(first) if first.isdigit() else None, "env")
 
 
+def _slurm_slot(job: str) -> GpuSlot:
+    """The device of a Slurm job: the GPU(s) Slurm allocated, or the CPU with every card hidden."""
+    given = os.environ.get(ENV, "")
+    slot = _preset_slot(given)
+    if slot.device == "cpu":
+        _set_visible("")
+        log.info("Slurm job %s was allocated no GPU: running on the CPU (lock-file GPU allocation not used "
+                 "under Slurm; request a GPU with the rule's gres or gpu resource, see profiles/slurm)", job)  # fmt: skip
+    else:
+        log.info("Slurm job %s: using the GPU(s) Slurm allocated, %s=%s (lock-file GPU allocation not used "
+                 "under Slurm)", job, ENV, given)  # fmt: skip
+    return GpuSlot(slot.device, slot.index, "slurm")
+
+
 def _share_slot(folder: Path, count: int, timeout: float) -> GpuSlot:
     """Every slot stayed busy: share the least-loaded GPU, registered by a share file of our own."""
     loads = [_sharers(folder, index) for index in range(count)]
@@ -174,8 +199,12 @@ def acquire_gpu(
     timeout: seconds to wait for a free slot before sharing the least-loaded GPU.
     poll: seconds between tries while waiting.
     n_gpus: number of GPUs, instead of asking nvidia-smi.
-    The slot is held until ``release()`` or the end of the process.
+    The slot is held until ``release()`` or the end of the process. Inside a Slurm job the
+    device is the one Slurm allocated, with no lock (see the module docstring).
     """
+    job = slurm_job_id()
+    if job is not None:
+        return _slurm_slot(job)
     preset = os.environ.get(ENV)
     if preset is not None:
         return _preset_slot(preset)
@@ -222,12 +251,14 @@ def enable_memory_growth() -> list[str]:
 
 
 def gpu_claim(env: str | None = None) -> int:
-    """Units of Snakemake's ``gpu`` resource a GPU job claims: 1 on a host with a GPU, else 0.
+    """Units of Snakemake's ``gpu`` resource a GPU job claims by default: 1 on a host with a GPU,
+    else 0.
 
     ``--resources gpu=N`` says how many cards jobs may share at once; on a host without a GPU there
     is no card to share, so the jobs claim none and run on the CPU side by side, paced by
-    ``--cores`` and ``mem_mb``. ``ALLFUSE_GPU_JOBS=1`` forces a claim (a cluster whose submit host
-    has no GPU but whose compute nodes do), ``ALLFUSE_GPU_JOBS=0`` forbids it.
+    ``--cores`` and ``mem_mb``. A profile overrides the default per rule with ``set-resources``
+    (profiles/slurm asks the cluster for each GPU job's card that way). ``ALLFUSE_GPU_JOBS=1`` /
+    ``0`` overrides the detection itself (the test suite sets 0, to run the same on any host).
     """
     value = os.environ.get("ALLFUSE_GPU_JOBS", "auto") if env is None else env
     if value in ("0", "1"):

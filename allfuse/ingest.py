@@ -32,7 +32,7 @@ import numpy as np
 
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
 from allfuse.data import SYNTHETIC_MARKER, dataset_writer, find_duplicates, label_counts, summarise_rows
-from allfuse.errors import DataError
+from allfuse.errors import DataError, IntermediateError
 from allfuse.files import sha256_array, sha256_bytes
 from allfuse.images import ImageError, decode_rgb, ingest_resize
 from allfuse.settings import ARCHIVES
@@ -182,14 +182,16 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
 
 
 def ingest_archive(
-    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int
+    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, made_by: str | None = None
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Validate dataset ``which`` of an archive and build its image cache in memory.
 
     Returns the manifest rows (sorted by ``image_id``) and a uint8 array (N, S, S, 3) with
     S = ``image_size`` pixels, whose row i is the image of manifest row i, resized from its
     original size with Lanczos filtering. Raises ``DataError`` listing every problem when the
-    archive is unusable; warnings go to the ``allfuse.ingest`` logger. For a dataset of any size,
+    archive is unusable; warnings go to the ``allfuse.ingest`` logger. An archive the workflow
+    made itself (the demo's, by rule ``made_by``) is an intermediate: a damaged one is one
+    ``IntermediateError`` line naming that rule. For a dataset of any size,
     :func:`write_archive_dataset` writes the same cache to disk row by row instead.
     """
     cache: list[np.ndarray] = []
@@ -198,40 +200,51 @@ def ingest_archive(
         cache.append(np.zeros((n, image_size, image_size, 3), dtype=np.uint8))
         return cache[0].__setitem__
 
-    rows = _ingest(path, which, image_size, max_pixels, allocate)
+    rows = _ingest(path, which, image_size, max_pixels, allocate, made_by)
     return rows, cache[0]
 
 
 def write_archive_dataset(
-    path: str | os.PathLike[str], which: str, out_dir: str | os.PathLike[str], image_size: int, max_pixels: int
-) -> list[dict[str, Any]]:
+    path: str | os.PathLike[str], which: str, out_dir: str | os.PathLike[str], image_size: int, max_pixels: int,
+    made_by: str | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """:func:`ingest_archive` written to ``out_dir`` (``manifest.csv``, ``images.npy``), each image
     put in the cache as it is decoded (``allfuse.data.dataset_writer``): memory stays flat
     whatever the number of images, and nothing is written when the archive is unusable.
     Returns the manifest rows."""
     with dataset_writer(out_dir, image_size) as out:
-        out.rows = _ingest(path, which, image_size, max_pixels, out.allocate)
+        out.rows = _ingest(path, which, image_size, max_pixels, out.allocate, made_by)
     return list(out.rows)
 
 
-def _ingest(
-    path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, allocate: Allocate
-) -> list[dict[str, Any]]:
+def _ingest(path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, allocate: Allocate,
+            made_by: str | None) -> list[dict[str, Any]]:  # fmt: skip
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    with open_archive(path) as archive:
-        scan = _scan(archive, which, max_pixels, image_size=image_size, allocate=allocate)
-    raise_problems(scan, f"{which} in {path}")
+    try:
+        with open_archive(path) as archive:
+            scan = _scan(archive, which, max_pixels, image_size=image_size, allocate=allocate)
+    except DataError as exc:
+        if made_by:  # the reader's first clause, without its advice for a user's archive
+            what = str(exc).splitlines()[0].split("; ")[0].removeprefix(f"{path}: ")
+            raise IntermediateError(path, made_by, f"damaged archive: {what}") from None
+        raise
+    raise_problems(scan, which, path, made_by)
     return scan.rows
 
 
-def raise_problems(scan: ScanResult, what: str) -> None:
-    """Log the scan's warnings; DataError listing its problems when there are any."""
+def raise_problems(scan: ScanResult, what: str, path: str | os.PathLike[str], made_by: str | None = None) -> None:
+    """Log the scan's warnings; when it found problems, DataError listing them (``what`` in
+    ``path`` cannot be used), or, for a source the workflow made itself (by rule ``made_by``),
+    one IntermediateError line naming that rule."""
     for warning in scan.warnings:
         logger.warning("%s", warning)
+    if scan.problems and made_by:
+        raise IntermediateError(path, made_by, f"{what} cannot be used", scan.problems)
     if scan.problems:
         raise DataError(
-            f"{what} cannot be used: {len(scan.problems)} problem(s), nothing was written", problems=scan.problems
+            f"{what} in {path} cannot be used: {len(scan.problems)} problem(s), nothing was written",
+            problems=scan.problems,
         )
 
 

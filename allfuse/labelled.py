@@ -95,7 +95,7 @@ def ingest_labelled(
         return cache[0].__setitem__
 
     scan = _scan(Path(source), dataset, max_pixels, image_size, allocate)
-    raise_problems(scan, f"labelled set {dataset!r} in {source}")
+    raise_problems(scan, f"labelled set {dataset!r}", source)
     return scan.rows, cache[0]
 
 
@@ -107,7 +107,7 @@ def write_labelled_dataset(
     unusable. Returns the manifest rows."""
     with dataset_writer(out_dir, image_size) as out:
         scan = _scan(Path(source), dataset, max_pixels, image_size, out.allocate)
-        raise_problems(scan, f"labelled set {dataset!r} in {source}")
+        raise_problems(scan, f"labelled set {dataset!r}", source)
         out.rows = scan.rows
     return scan.rows
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from allfuse import tags as T
-from allfuse.errors import AllfuseError
-from allfuse.files import atomic_path, read_json, sha256_file, write_csv
+from allfuse.errors import IntermediateError
+from allfuse.files import atomic_path, read_json, read_record, sha256_file, write_csv
 from allfuse.metrics import score
 from allfuse.predictions import PREDICTION_COLUMNS, collapsed_subsets
 from allfuse.session import ComputeSession, Runtime, compute_session
 from allfuse.settings import TUNABLE, EvaluationSettings, HybridSettings
-from allfuse.stages import SplitFacts, StageContext, StageRun, read_record, run_name, stage_run
+from allfuse.stages import SplitFacts, StageContext, StageRun, run_name, stage_run
 from allfuse.training_data import TrainingData, load_training_data
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class MemberJob:
 def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | None) -> HybridSettings:
     """Config settings, overridden by the study's best parameters when a study was run.
 
-    best_params_path: the tune rule's best_params.json ({"params": {name: value}, ...}) or None.
+    best_params_path: the study's best_params.json (collect_study: {"params": {name: value}, ...}) or None.
     Raises AllfuseError for an unreadable file or a key the study may not tune.
     """
     return settings.with_params(read_best_params(best_params_path)) if best_params_path else settings
@@ -81,21 +81,14 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
 
 def read_best_params(best_params_path: str) -> dict[str, Any]:
     """The tuned values of a study's best_params.json, checked to be tunable keys."""
-    try:
-        best = read_json(best_params_path)
-    except (OSError, ValueError) as exc:
-        raise AllfuseError(
-            f"{best_params_path}: cannot read the study's best parameters ({exc}); delete it and rerun the tune rule"
-        ) from None
-    params = best.get("params") if isinstance(best, dict) else None
+    rule = "collect_study"
+    params = read_record(best_params_path, rule).get("params")
     if not isinstance(params, dict):
-        raise AllfuseError(f"{best_params_path}: no 'params' mapping; delete it and rerun the tune rule")
+        raise IntermediateError(best_params_path, rule, "no 'params' mapping")
     unknown = sorted(key for key in params if key not in TUNABLE)
     if unknown:
-        raise AllfuseError(
-            f"{best_params_path}: unknown tuned parameter(s) {', '.join(repr(k) for k in unknown)}; a study may "
-            f"tune only {', '.join(TUNABLE)}. Delete the file and rerun the tune rule"
-        )
+        raise IntermediateError(best_params_path, rule, f"unknown tuned parameter(s) "
+                                f"{', '.join(repr(k) for k in unknown)}; a study may tune only {', '.join(TUNABLE)}")  # fmt: skip
     return params
 
 

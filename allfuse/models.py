@@ -177,7 +177,8 @@ def _net_with_weights(backbone: str, input_size: int, weights: str | None) -> ke
                 f"ImageNet weights for backbone '{backbone}' are not available offline: file {file_name} is missing "
                 f"(or does not match its expected hash) in {models_dir}. Either set weights: to the local path of "
                 f"{file_name} (backbones.{backbone}.weights or hybrid.weights in the config), or pre-fill the Keras "
-                f"cache $KERAS_HOME/models/{file_name} (download it from {url}), or set weights: null"
+                f"cache $KERAS_HOME/models/{file_name} (`allfuse fetch-weights` does it where downloads work; the "
+                f"file is {url}), or set weights: null"
             ) from None
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -319,6 +320,17 @@ def chunk_rows(source: Any, batch_size: int, chunk: int = PREDICT_CHUNK) -> int:
     if int(chunk) * row_bytes <= PREDICT_CHUNK_BYTES:
         return int(chunk)
     return max(batch_size, PREDICT_CHUNK_BYTES // row_bytes // batch_size * batch_size)
+
+
+def load_model_file(path: str | Path, made_by: str) -> keras.Model:
+    """A saved Keras model (``.keras``) that rule ``made_by`` wrote, uncompiled (for inference);
+    a missing or damaged file is one line naming it and the rule (allfuse.files.reading)."""
+    import keras
+
+    from allfuse.files import reading
+
+    with reading(path, made_by) as target:
+        return keras.saving.load_model(target, compile=False)
 
 
 def backbone_network(model: keras.Model) -> keras.Model:

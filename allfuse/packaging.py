@@ -37,13 +37,20 @@ import numpy as np
 from allfuse import tags as T
 from allfuse import tracking
 from allfuse.errors import DataError
-from allfuse.files import PathLike, atomic_path, read_csv, sha256_array, sha256_json
+from allfuse.files import PathLike, atomic_path, read_record, sha256_array, sha256_json
 from allfuse.metrics import referral_threshold, referred
 from allfuse.predictions import EnsembleResult, FusionResult, MemberResult
-from allfuse.predictor import BackboneSpec, FusedEnsemble, MemberSpec, PredictorSpec, write_spec
+from allfuse.predictor import (
+    BackboneSpec,
+    FusedEnsemble,
+    MemberSpec,
+    PredictorSpec,
+    write_spec,
+)
+from allfuse.reports import read_metrics_csv
 from allfuse.session import Runtime, compute_session
 from allfuse.settings import FeatureSettings, PackageSettings
-from allfuse.stages import SplitFacts, StageContext, StageRun, read_record, run_name, stage_run
+from allfuse.stages import SplitFacts, StageContext, StageRun, run_name, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +86,7 @@ class PackageJob:
     members: Sequence[MemberResult]
     ensembles: Sequence[EnsembleResult]
     fusion: FusionResult
-    fusion_weights: str
+    fusion_weights: str | None
     evaluation_run: str
     metrics: str
     manifest: str
@@ -113,10 +120,12 @@ def _ensemble_members(job: PackageJob) -> dict[str, list[MemberResult]]:
     return out
 
 
-def _rule_parameters(rule: str, weights_file: PathLike) -> dict[str, Any]:
+def _rule_parameters(rule: str, weights_file: PathLike | None) -> dict[str, Any]:
     """What a rule needs from the fusion's weights.json: validation weights or the stacked model."""
     if rule not in ("weighted_sum", "stacked"):
         return {}
+    if weights_file is None:
+        raise DataError(f"fusion rule {rule} needs the fusion's weights.json; it is not an input of the job")
     record = read_record(weights_file, "fuse_predictions")
     value = record.get("weights") if rule == "weighted_sum" else record.get("stacked")
     if not isinstance(value, dict):
@@ -152,27 +161,29 @@ def build_spec(job: PackageJob) -> PredictorSpec:
     )  # fmt: skip
 
 
-def assemble(folder: Path, spec: PredictorSpec, job: PackageJob) -> dict[str, Any]:
-    """Write the predictor folder: members' model files copied, head-mode backbones rebuilt
-    (allfuse.features: the same seed and weights the feature cache was computed with). Returns
-    the rebuilt backbones (name -> Keras model)."""
+def assemble(folder: Path, spec: PredictorSpec, job: PackageJob) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Write the predictor folder: members' model files read (a damaged one is one line naming
+    it) and copied, head-mode backbones rebuilt (allfuse.features: the same seed and weights the
+    feature cache was computed with). Returns the backbones and members as Keras models."""
     from allfuse.features import FEATURE_SEED
-    from allfuse.models import build_backbone
+    from allfuse.models import build_backbone, load_model_file
 
     members = {(m.backbone, m.seed): m for m in job.members}
-    built = {}
+    built: dict[str, Any] = {}
+    loaded: dict[str, list[Any]] = {}
     for b in spec.backbones:
         for m in b.members:
-            target = folder / m.file
+            source, target = members[(b.name, m.seed)].model, folder / m.file
+            loaded.setdefault(b.name, []).append(load_model_file(source, "train_member"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(members[(b.name, m.seed)].model, target)
+            shutil.copyfile(source, target)
         if b.backbone_file:
             settings = job.backbones[b.name]
             built[b.name] = build_backbone(b.name, b.input_size, settings.weights, seed=FEATURE_SEED)
             (folder / b.backbone_file).parent.mkdir(parents=True, exist_ok=True)
             built[b.name].save(folder / b.backbone_file)
     write_spec(folder, spec)
-    return built
+    return built, loaded
 
 
 def digest(ensemble: FusedEnsemble) -> str:
@@ -239,7 +250,7 @@ def check_against_run(ensemble: FusedEnsemble, job: PackageJob) -> dict[str, Any
 def version_tags(job: PackageJob, spec: PredictorSpec, sha: str, run_id: str | None) -> dict[str, str]:
     """The tags of the registered version: provenance, digest, and the packaged rule's test metrics."""
     git = tracking.git_info(str(job.context.source))
-    rows = [r for r in read_csv(job.metrics) if r.get("dataset") == job.dataset and r.get("level") == "fusion"
+    rows = [r for r in read_metrics_csv(job.metrics) if r.get("dataset") == job.dataset and r.get("level") == "fusion"
             and r.get("rule") == spec.rule and r.get("fold") == str(spec.fold)]  # fmt: skip
     metrics = {f"test.{k}": rows[0][k] for k in VERSION_METRICS if rows and k in rows[0]}
     members = ",".join(m.run_id for b in spec.backbones for m in b.members)
@@ -305,17 +316,18 @@ def package_model(job: PackageJob) -> dict[str, Any]:
     spec = build_spec(job)
     name = job.settings.registered_name(job.dataset)
     o = job.outputs
-    inputs = {"fusion": job.fusion.path, "weights": job.fusion_weights, "evaluation": job.evaluation_run,
-              "metrics": job.metrics, "split": job.split}  # fmt: skip
+    inputs = {"fusion": job.fusion.path, "evaluation": job.evaluation_run, "metrics": job.metrics, "split": job.split,
+              **({"weights": job.fusion_weights} if job.fusion_weights else {})}  # fmt: skip
     run_tags = {T.FOLD: spec.fold, T.FUSION_RULE: spec.rule, T.REGISTERED_MODEL: name,
                 f"{T.FUSION_RUN}{job.dataset}": job.fusion.run_id,
                 **{f"{T.MEMBER_RUNS}{b.name}": ",".join(m.run_id for m in b.members) for b in spec.backbones}}  # fmt: skip
     Path(o.record).parent.mkdir(parents=True, exist_ok=True)
     with compute_session(job.runtime), tempfile.TemporaryDirectory(dir=Path(o.record).parent) as tmp:
         folder = Path(tmp) / "predictor"
-        # The backbones just built are checked in memory (reading them back costs more than
-        # building them); the member files are checked as packaged.
-        ensemble = FusedEnsemble.load(folder, backbones=assemble(folder, spec, job))
+        # The models just built or read are checked in memory (reading the copies back costs as
+        # much again; the copies are byte-for-byte the members' files).
+        backbones, members = assemble(folder, spec, job)
+        ensemble = FusedEnsemble.load(folder, backbones=backbones, members=members)
         check = check_against_run(ensemble, job)
         sha = digest(ensemble)
         with stage_run(job.context, "package", run_name("package", job.dataset, spec.fold), dataset=job.dataset,

@@ -4,7 +4,8 @@ A member's ``predictions.csv`` holds ``image_id, split, label, p_healthy, p_all`
 validation and test images; an ensemble's adds the uncertainty columns and ``n_members``; a
 fusion's starts with ``rule`` (long format, one block per rule). :class:`Predictions` is the one
 in-memory form, rows in canonical order (split, then image id), so files written in any row
-order compare equal. Every bad row of a file is listed in one DataError naming the file.
+order compare equal. A damaged file is one IntermediateError line naming it, its first bad row
+and the rule that writes it (``allfuse.files.reading``).
 
 :func:`load_member`, :func:`load_ensemble` and :func:`load_fusion` read a stage's run record
 (``run.json``) and the predictions beside it into a record that says itself which dataset,
@@ -21,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from allfuse.errors import DataError
-from allfuse.files import PathLike, read_csv, write_csv
+from allfuse.errors import DataError, IntermediateError
+from allfuse.files import PathLike, read_record, read_table, write_csv
 from allfuse.fusion import ALL_RULES, PAPER_RULE
-from allfuse.stages import read_record
 from allfuse.uncertainty import SUM_TOLERANCE, predict_labels
 
 SPLITS = ("val", "test")
@@ -96,8 +96,9 @@ def _canonical(pred: Predictions) -> Predictions:
     return pred.take(np.lexsort((pred.image_id, pred.split)))
 
 
-def _parse_rows(rows: Sequence[Mapping[str, str]], where: str, extra: Sequence[str]) -> Predictions:
-    """Predictions from CSV rows (dicts of strings); every bad row is listed in one DataError."""
+def _parse_rows(rows: Sequence[Mapping[str, str]], path: PathLike, made_by: str, extra: Sequence[str],
+                part: str = "") -> Predictions:  # fmt: skip
+    """Predictions from the CSV rows of ``path`` (its block ``part``); bad rows: IntermediateError."""
     problems: list[str] = []
     ids, splits, labels, probs = [], [], [], []
     columns = {name: [] for name in extra}
@@ -142,10 +143,9 @@ def _parse_rows(rows: Sequence[Mapping[str, str]], where: str, extra: Sequence[s
     if len(n_members) > 1:
         problems.append(f"n_members differs between rows: {sorted(n_members)}")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise DataError(f"{where}: invalid predictions; fix or regenerate the file", shown)
+        raise IntermediateError(path, made_by, f"invalid predictions{part}", problems)
     if not ids:
-        raise DataError(f"{where}: no prediction rows; regenerate the file")
+        raise IntermediateError(path, made_by, f"no prediction rows{part}")
     pred = Predictions(
         image_id=np.array(ids, dtype=str),
         split=np.array(splits, dtype=str),
@@ -153,53 +153,40 @@ def _parse_rows(rows: Sequence[Mapping[str, str]], where: str, extra: Sequence[s
         probs=np.clip(np.array(probs, dtype=np.float64), 0.0, 1.0),
         extra={name: np.array(v, dtype=np.float64) for name, v in columns.items()},
         n_members=n_members.pop() if n_members else 1,
-        source=where,
+        source=f"{path}{part}",
     )
     return _canonical(pred)
 
 
-def _read_rows(path: PathLike, required: Sequence[str], producer: str) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; it is written by rule {producer} (run the workflow up to it)")
-    rows = read_csv(path)
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().strip().split(",")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)} "
-            f"(see docs/ARCHITECTURE.md); regenerate it with rule {producer}"
-        )
-    return rows
-
-
-def read_predictions(path: PathLike, uncertainty: bool = False) -> Predictions:
+def read_predictions(path: PathLike, uncertainty: bool = False, made_by: str | None = None) -> Predictions:
     """Read a member (``uncertainty=False``) or ensemble (``True``) predictions.csv.
 
     Columns ``image_id, split, label, p_healthy, p_all`` and, for ensembles, the
     :data:`UNCERTAINTY_COLUMNS` and ``n_members``. Rows come back sorted by (split, image_id).
-    Raises :class:`DataError` naming the file and listing every bad row.
+    ``made_by``: the rule that writes the file (default train_member, or aggregate_ensemble with
+    ``uncertainty``). Raises :class:`IntermediateError` naming the file and the first bad row.
     """
     extra = UNCERTAINTY_COLUMNS if uncertainty else ()
-    producer = "aggregate_ensemble" if uncertainty else "train_member"
-    rows = _read_rows(path, (*PREDICTION_COLUMNS, *extra), producer)
-    return _parse_rows(rows, str(path), extra)
+    made_by = made_by or ("aggregate_ensemble" if uncertainty else "train_member")
+    rows = read_table(path, made_by, (*PREDICTION_COLUMNS, *extra))
+    return _parse_rows(rows, path, made_by, extra)
 
 
 def read_fusion(path: PathLike) -> dict[str, Predictions]:
     """Read a fusion predictions.csv (long format) into ``{rule: Predictions}``, rules in ALL_RULES order."""
-    rows = _read_rows(path, FUSION_COLUMNS, "fuse_predictions")
+    made_by = "fuse_predictions"
+    rows = read_table(path, made_by, FUSION_COLUMNS)
     by_rule: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_rule.setdefault(row["rule"], []).append(row)
     unknown = sorted(set(by_rule) - set(ALL_RULES))
     if unknown:
-        raise DataError(f"{path}: unknown fusion rule(s) {', '.join(unknown)}; known: {', '.join(ALL_RULES)}")
+        raise IntermediateError(path, made_by, f"unknown fusion rule(s) {', '.join(unknown)} "
+                                f"(known: {', '.join(ALL_RULES)})")  # fmt: skip
     if PAPER_RULE not in by_rule:
-        raise DataError(f"{path}: no rows for the '{PAPER_RULE}' rule; regenerate it with rule fuse_predictions")
+        raise IntermediateError(path, made_by, f"no rows for the '{PAPER_RULE}' rule")
     return {
-        rule: _parse_rows(by_rule[rule], f"{path} (rule {rule})", UNCERTAINTY_COLUMNS)
+        rule: _parse_rows(by_rule[rule], path, made_by, UNCERTAINTY_COLUMNS, f" (rule {rule})")
         for rule in ALL_RULES
         if rule in by_rule
     }
@@ -325,7 +312,7 @@ def record_and_predictions(run_file: PathLike, producer: str, keys: Sequence[str
     record = read_record(run_file, producer)
     missing = [k for k in keys if k not in record]
     if missing:
-        raise DataError(f"{run_file}: the run record lacks {', '.join(missing)}; delete it and rerun rule {producer}")
+        raise IntermediateError(run_file, producer, f"the run record lacks {', '.join(missing)}")
     return record, Path(run_file).parent / str(record.get("predictions", PREDICTIONS_FILE))
 
 

@@ -194,20 +194,22 @@ class FusedEnsemble:
         self.members = {name: list(models) for name, models in members.items()}
 
     @classmethod
-    def load(cls, folder: PathLike, where: str | None = None, backbones: Mapping[str, Any] | None = None) -> FusedEnsemble:
+    def load(cls, folder: PathLike, where: str | None = None, backbones: Mapping[str, Any] | None = None,
+             members: Mapping[str, Sequence[Any]] | None = None) -> FusedEnsemble:  # fmt: skip
         """Read the spec (refusing another allfuse version), then every Keras model of the folder;
-        ``backbones`` (name -> model) are frozen backbones already in memory, not read again."""
-        import keras
+        ``backbones`` (name -> model) and ``members`` (name -> models in the spec's order) already
+        in memory are not read again."""
+        from allfuse.models import load_model_file
 
         folder = Path(folder)
         spec = read_spec(folder, where)
         logging.getLogger("tensorflow").addFilter(_NoRetracingNote())
-        given = dict(backbones or {})
-        backbones = {b.name: given.get(b.name) or keras.saving.load_model(folder / b.backbone_file, compile=False)
+        given, held = dict(backbones or {}), dict(members or {})
+        backbones = {b.name: given.get(b.name) or load_model_file(folder / b.backbone_file, "package_model")
                      for b in spec.backbones if b.backbone_file}  # fmt: skip
-        members = {b.name: [keras.saving.load_model(folder / m.file, compile=False) for m in b.members]
-                   for b in spec.backbones}  # fmt: skip
-        return cls(spec, backbones, members)
+        loaded = {b.name: list(held.get(b.name) or [load_model_file(folder / m.file, "package_model") for m in b.members])
+                  for b in spec.backbones}  # fmt: skip
+        return cls(spec, backbones, loaded)
 
     def member_probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every member's probabilities, {backbone: float64 (M_b, N, 2)}, of uint8 images (N, S, S, 3)."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from allfuse.errors import IntermediateError
+from allfuse.files import PathLike, read_table
 from allfuse.fusion import PAPER_RULE
 from allfuse.metrics import METRIC_COLUMNS, paper_interval_check, wilson_interval
 from allfuse.settings import EvaluationSettings
@@ -107,6 +109,24 @@ def format_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> li
 
 def format_metrics_csv(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
     return format_rows(rows, METRICS_TABLE_COLUMNS)
+
+
+def read_metrics_csv(path: PathLike) -> list[dict[str, str]]:
+    """The rows of a metrics.csv (rule evaluate), read whole and checked: every column of
+    ``METRICS_TABLE_COLUMNS``, a known level and a number (or nan) for each accuracy cell."""
+    rows = read_table(path, "evaluate", METRICS_TABLE_COLUMNS)
+    levels = ("member", "baseline", "ensemble", "fusion")
+    problems = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            [float(row[c]) for c in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")]
+        except ValueError:
+            problems.append(f"line {line}: an accuracy cell is not a number")
+        if row["level"] not in levels:
+            problems.append(f"line {line}: level {row['level']!r} is not one of {', '.join(levels)}")
+    if problems or not rows:
+        raise IntermediateError(path, "evaluate", "invalid metrics table" if rows else "no rows", problems)
+    return rows
 
 
 def _pct(value: Any, digits: int = 2) -> str:

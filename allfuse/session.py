@@ -78,11 +78,8 @@ def configure_keras_home(project_dir: str | Path) -> Path:
     ``~/.keras/keras.json`` and downloads weights there) and returns the Keras home in force.
     Keras reads the variable once, at import: call this before anything imports Keras.
     """
-    if os.environ.get("KERAS_HOME"):
-        home = Path(os.environ["KERAS_HOME"])
-    else:
-        home = Path(project_dir).resolve() / ".keras"
-        os.environ["KERAS_HOME"] = str(home)
+    home = keras_home_for(project_dir)
+    os.environ["KERAS_HOME"] = str(home)
     if "keras" in sys.modules:
         current = keras_home()
         if Path(current).resolve() != home.resolve():
@@ -91,6 +88,14 @@ def configure_keras_home(project_dir: str | Path) -> Path:
             )
             return Path(current)
     return home
+
+
+def keras_home_for(project_dir: str | Path) -> Path:
+    """The Keras home of jobs working in ``project_dir``: ``$KERAS_HOME`` when set, else
+    ``<project_dir>/.keras`` (weights are cached in its ``models/``)."""
+    if os.environ.get("KERAS_HOME"):
+        return Path(os.environ["KERAS_HOME"])
+    return Path(project_dir).resolve() / ".keras"
 
 
 def keras_home() -> str:

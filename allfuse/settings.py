@@ -178,7 +178,9 @@ def parse_search_space(space: Mapping[str, Any], mode: str) -> tuple[ParamSpec, 
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """One backbone's Optuna study: budget, objective, sampler and pruner settings, search space."""
+    """One backbone's Optuna study: budget, objective, sampler and pruner settings, search space,
+    and how it runs: ``workers`` jobs sharing it, ``storage`` (None = a journal file per study,
+    else a database URL)."""
 
     n_trials: int
     seed: int
@@ -188,6 +190,8 @@ class TuneSettings:
     n_startup_trials: int
     n_warmup_steps: int
     search_space: tuple[ParamSpec, ...]
+    workers: int = 1
+    storage: str | None = None
 
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
@@ -208,8 +212,9 @@ class TuneSettings:
         return _typed(cls, {**values, "search_space": specs})
 
     def identity(self) -> dict[str, Any]:
-        """What makes trials comparable: everything but the budget (a budget change tops up)."""
-        return {k: v for k, v in self.as_params().items() if k != "n_trials"}
+        """What makes trials comparable: everything but the budget (a budget change tops up), the
+        number of workers and where the study is stored (how it runs, not what it measures)."""
+        return {k: v for k, v in self.as_params().items() if k not in ("n_trials", "workers", "storage")}
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from allfuse.errors import AllfuseError, ConfigError, DataError
-from allfuse.files import PathLike, read_csv
+from allfuse.errors import AllfuseError, ConfigError, DataError, IntermediateError
+from allfuse.files import PathLike, read_csv, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,36 @@ def pixel_groups(rows: list[dict]) -> dict[str, str]:
     return groups
 
 
-def read_groups_csv(path: PathLike) -> dict[str, str]:
-    """Read a user CSV with columns ``image_id,group`` (more columns are ignored).
+def read_groups_csv(path: PathLike, made_by: str | None = None) -> dict[str, str]:
+    """Read a CSV with columns ``image_id,group`` (more columns are ignored).
 
-    Raises ``AllfuseError`` naming the file when it is missing or lacks a column, and
-    ``DataError`` listing every row with an empty cell or an image given two different groups.
+    A user's file (``data.groups_csv``): ``AllfuseError`` naming the file when it is missing or
+    lacks a column, ``DataError`` listing every row with an empty cell or an image given two
+    different groups. A file rule ``made_by`` wrote (the demo's slide groups) is an intermediate:
+    read whole by ``allfuse.files.read_table``, any fault one ``IntermediateError`` line.
     """
     path = Path(path)
+    raw = read_table(path, made_by, ("image_id", "group")) if made_by else _user_groups_rows(path)
+    groups: dict[str, str] = {}
+    problems: list[str] = []
+    for line_no, record in enumerate(raw, start=2):
+        cells = {(k or "").strip().lstrip("\ufeff").strip(): (v or "").strip() for k, v in record.items()}
+        image_id, group = cells.get("image_id", ""), cells.get("group", "")
+        if not image_id or not group:
+            problems.append(f"line {line_no}: empty image_id or group")
+        elif groups.get(image_id, group) != group:
+            problems.append(f"line {line_no}: {image_id} is in group {groups[image_id]!r} and in group {group!r}")
+        else:
+            groups[image_id] = group
+    if problems and made_by:
+        raise IntermediateError(path, made_by, "bad rows", problems)
+    if problems:
+        raise DataError(f"groups CSV {path} has {len(problems)} bad row(s); fix them", problems)
+    return groups
+
+
+def _user_groups_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a user's groups CSV, checked to exist, decode and name both columns."""
     if not path.is_file():
         raise AllfuseError(f"groups CSV not found: {path} (fix data.groups_csv in the config or set it to null)")
     try:
@@ -93,20 +116,7 @@ def read_groups_csv(path: PathLike) -> dict[str, str]:
             f"groups CSV {path} lacks the column(s) {', '.join(missing)}: its header is {header_line.strip()!r}; "
             "it needs a header line 'image_id,group' and one row per image"
         )
-    groups: dict[str, str] = {}
-    problems: list[str] = []
-    for line_no, record in enumerate(raw, start=2):
-        cells = {(k or "").strip().lstrip("\ufeff").strip(): (v or "").strip() for k, v in record.items()}
-        image_id, group = cells.get("image_id", ""), cells.get("group", "")
-        if not image_id or not group:
-            problems.append(f"line {line_no}: empty image_id or group")
-        elif groups.get(image_id, group) != group:
-            problems.append(f"line {line_no}: {image_id} is in group {groups[image_id]!r} and in group {group!r}")
-        else:
-            groups[image_id] = group
-    if problems:
-        raise DataError(f"groups CSV {path} has {len(problems)} bad row(s); fix them", problems)
-    return groups
+    return raw
 
 
 def merge_groups(ids: list[str], *maps: Mapping[str, str]) -> dict[str, str]:

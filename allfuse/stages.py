@@ -3,7 +3,8 @@
 A stage (a study, a member, an ensemble, a fusion, the evaluation) is one job with inputs,
 outputs and a run record (``run.json``). :func:`stage_run` gives each of them the same life:
 
-1. runs of the same job left RUNNING by a dead process are marked KILLED;
+1. every run of the experiment left RUNNING by a process that is gone (a job killed with
+   SIGKILL, or with Snakemake) is marked KILLED, whichever job it was (``tracking.reap_dead_runs``);
 2. the stage's run is opened (or an existing one resumed: an ensemble's parent run, a study's
    run after a crash) with the tags of ``allfuse.tags``: provenance (code commit, the hash of the
    whole resolved config, a sha256 per input file, job identity, host, pid) and the stage's own;
@@ -16,6 +17,10 @@ outputs and a run record (``run.json``). :func:`stage_run` gives each of them th
    output, ``run.json`` included, is removed, so nothing of a failed attempt looks finished.
 
 Without a tracking store (``StageContext.store`` None) the same happens with a stand-in run.
+
+A workflow job as a whole (``job_signals``, around the adapter's work) treats SIGTERM as an
+interrupt too, and interrupts itself when the process that started it (Snakemake) is gone, so a
+job orphaned by ``kill -9`` of Snakemake stops as if cancelled instead of racing the rerun.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from typing import Any
 
 from allfuse import __version__, tracking
 from allfuse import tags as T
-from allfuse.errors import DataError
-from allfuse.files import PathLike, read_json, removed_on_failure, sha256_file, sha256_json, write_json
+from allfuse.errors import IntermediateError, TrackingError
+from allfuse.files import PathLike, read_record, removed_on_failure, sha256_file, sha256_json, write_json
+from allfuse.gpu import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ class StoreInfo:
         info = read_record(path, "init_tracking")
         missing = [k for k in ("uri", "experiment", "experiment_id") if k not in info]
         if missing:
-            raise DataError(f"{path}: lacks {', '.join(missing)}; delete it and rerun the init_tracking rule")
+            raise IntermediateError(path, "init_tracking", f"lacks {', '.join(missing)}")
         return cls(str(info["uri"]), str(info["experiment"]), str(info["experiment_id"]))
 
     def as_dict(self) -> dict[str, str]:
@@ -120,6 +126,9 @@ class StageContext:
             T.SYNTHETIC: str(bool(synthetic)).lower(),
             T.DATASET: dataset,
         }
+        job = slurm_job_id()
+        if job is not None:
+            out[T.SLURM_JOB] = job
         return out | {f"{T.SHA256}{name}": sha256_file(path) for name, path in inputs.items()}
 
 
@@ -152,41 +161,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def read_record(path: PathLike, producer: str) -> dict[str, Any]:
-    """A JSON record another rule wrote; one clear error when it is missing or damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: not found; it is written by rule {producer} (run the workflow up to it)")
-    try:
-        record = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc.__class__.__name__}: {exc}); delete it and rerun rule {producer}") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: not a JSON object; delete it and rerun rule {producer}")
-    return record
-
-
-
 def open_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool,
              inputs: Mapping[str, PathLike], tags: Mapping[str, Any], parent_run_id: str | None = None,
-             resume: str | None = None) -> StageRun:  # fmt: skip
+             resume: str | None = None, awaits: str | None = None) -> StageRun:  # fmt: skip
     """Open (or, with ``resume``, reopen) the run of a stage and return it RUNNING.
 
     Used directly for a run that outlives its job (an ensemble's parent run, created before its
-    members); every other stage goes through :func:`stage_run`, which also closes it.
+    members; ``awaits`` names the rule that resumes and closes it, and keeps the dead-run sweep
+    off it until then); every other stage goes through :func:`stage_run`, which also closes it.
     """
     store = context.store
     common = context.tags(level, dataset, synthetic, inputs)
     if store is None:
         return StageRun(context, tracking.NullRun(), common)
-    tracking.reap_dead_runs(store.uri, store.experiment_id, context.job, keep=resume)
+    tracking.reap_dead_runs(store.uri, store.experiment_id, keep=resume, superseded=name if awaits else None)
     full = common | {k: tracking.stringify(v) for k, v in tags.items()}
     if resume and tracking.run_exists(store.uri, resume):
         run = tracking.Run(store.uri, resume)
         run.set_status("RUNNING")
         run.set_tags(full)
+        run.delete_tag(T.AWAITS)  # from now on it belongs to this job's process
         log.info("resuming MLflow run %s (%s)", resume, name)
     else:
+        full |= {T.AWAITS: awaits} if awaits else {}
         run = tracking.create_run(store.uri, store.experiment_id, name, full, parent_run_id=parent_run_id)
         log.info("MLflow run %s started (%s)", run.run_id, name)
     if context.config:
@@ -195,28 +192,66 @@ def open_run(context: StageContext, level: str, name: str, *, dataset: str, synt
 
 
 @contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread for the block (no-op elsewhere)."""
+def interrupt_on_sigterm(signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """SIGTERM (and the other ``signals``) raise KeyboardInterrupt in the main thread for the
+    block (no-op elsewhere), deferred while a call into the tracking store completes
+    (allfuse.tracking.interrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        tracking.interrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def interrupt_when_orphaned(interval: float = 0.5) -> Iterator[None]:
+    """For the block: once the process that started this one is gone (Snakemake killed with
+    SIGKILL leaves its jobs to init), send this process SIGTERM, which :func:`interrupt_on_sigterm`
+    turns into an interrupt: the job stops as if cancelled (its stage run KILLED, its outputs
+    removed) instead of working on unsupervised while a rerun redoes the same job."""
+    parent, done = os.getppid(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval):
+            if os.getppid() != parent:
+                log.warning("the process that started this job (pid %d) is gone: stopping", parent)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="allfuse-orphan-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+@contextlib.contextmanager
+def job_signals(watch_parent: bool = True) -> Iterator[None]:
+    """How a workflow job meets the end of its run: SIGTERM (Snakemake or a scheduler cancelling
+    it) and, with ``watch_parent``, the death of the process that started it become an interrupt
+    (KeyboardInterrupt, as Ctrl-C) that unwinds every stage of the job."""
+    stops = (signal.SIGTERM, signal.SIGINT)  # a scheduler's cancel, Ctrl-C to the process group
+    with interrupt_on_sigterm(stops), (interrupt_when_orphaned() if watch_parent else contextlib.nullcontext()):
+        yield
 
 
 @contextlib.contextmanager
 def stage_run(context: StageContext, level: str, name: str, *, dataset: str, synthetic: bool = False,
               inputs: Mapping[str, PathLike], outputs: Sequence[PathLike] = (), record: PathLike | None = None,
               tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-              resume: str | None = None, where: bool = True) -> Iterator[StageRun]:  # fmt: skip
+              resume: str | None = None, where: bool = True, finish: bool = True) -> Iterator[StageRun]:  # fmt: skip
     """Run a stage's block under its MLflow run; see the module docstring for the life it gets.
+
+    With ``finish`` False the run stays RUNNING when the block succeeds: one of several jobs that
+    share a run (a study's workers), which a later job ends.
 
     ``outputs`` are removed when the block fails; ``record`` (``run.json``) is written last, with
     the run's id added to what the stage put in ``StageRun.record``, and with ``where`` also the
@@ -229,7 +264,8 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
                          tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
         try:
             yield stage
-            stage.run.set_status("FINISHED")
+            if finish:
+                stage.run.set_status("FINISHED")
             if record is not None:
                 store = context.store
                 identity = {"run_id": stage.run.run_id}
@@ -249,6 +285,8 @@ def _close(stage: StageRun, status: str) -> None:
     """End a failed stage's run; the original error matters more than one from the store."""
     try:
         stage.run.set_status(status)
+    except TrackingError as exc:  # the server is gone: the job's rerun marks the run KILLED
+        log.error("could not mark run %s %s: %s", stage.run.run_id, status, exc)
     except Exception:
         log.exception("could not mark run %s %s", stage.run.run_id, status)
 

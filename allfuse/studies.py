@@ -1,21 +1,32 @@
-"""Optuna study files: one resumable study per (dataset, backbone), and what it holds.
+"""Optuna study storage: one resumable study per (dataset, fold, backbone), shared by its workers.
 
-The study lives in ``study.db`` (Optuna RDB storage on sqlite, one file per study, trials run one
-after another in one process) and is resumable:
+Where a study lives (:class:`StudyPlace`): by default Optuna's journal storage in one file per
+study, ``study.journal`` in the study's folder (``JournalFileBackend`` with Optuna's
+``JournalFileOpenLock``, the lock Optuna documents for NFS); with ``tune.storage`` a database
+URL (PostgreSQL, or any SQLAlchemy URL) holding the studies by name. One to ``tune.workers``
+processes run trials of a study at once; the lock files always sit in the study's folder.
 
-- Budget: ``tune.n_trials`` counts COMPLETE and PRUNED trials. Rerunning tops the study up to
-  the budget; it never adds a second full budget. Raising the budget adds only the difference.
-- Crashes: while a study runs, its process holds an exclusive lock on ``study.db.lock``
-  (:func:`study_lock`), so when a run starts no other process can be working on the study and
-  every trial still marked RUNNING was left by a dead process (kill -9, power loss). Those trials
-  are marked FAIL and retried once with the same parameters (:func:`fail_orphaned_trials`). Each
-  trial also records its owner (host, pid) as a user attribute, for the log, and Optuna's
-  heartbeat (``HEARTBEAT_INTERVAL_S``, ``GRACE_PERIOD_S``) fails and retries stale trials the same
-  way should a study ever be shared without the lock.
-- Staleness: the study stores a hash of everything that makes its trials comparable. When a rerun
-  finds a study whose hash differs, the old file is renamed aside to ``study.<old hash>.db.bak``
-  (kept for inspection, e.g. with optuna-dashboard) and a fresh study starts
-  (:func:`prepare_study_file`), so trials from two search spaces never mix.
+- Budget: ``tune.n_trials`` counts COMPLETE and PRUNED trials, over all workers. A worker starts
+  a trial only while holding the study's budget lock (:class:`BudgetLock`, Optuna's NFS-safe file
+  lock on ``study.budget.lock``), and only when finished plus running trials are below the budget;
+  it keeps the lock until its new trial is marked as its own. No race can start a trial beyond the
+  budget, so the study ends at exactly ``n_trials`` (Optuna's ``MaxTrialsCallback`` stops a worker
+  only after its trial ended, and two workers mid-trial would both finish beyond the budget).
+  Rerunning tops the study up; raising the budget adds only the difference.
+- Crashes: each worker holds an exclusive flock on ``study.worker<i>.lock`` while it runs
+  (:func:`worker_lock`; the kernel drops it when the process dies, however it dies). Under the
+  budget lock a worker marks FAIL every RUNNING trial that provably has no live process
+  (:func:`fail_orphaned_trials`): its own worker index's (a predecessor that died), one of a gone
+  process on this host, one never marked by a worker. Each is retried once with the same
+  parameters. A worker that died on another host is found when its job reruns; with a database
+  URL Optuna's heartbeat (``HEARTBEAT_INTERVAL_S``, ``GRACE_PERIOD_S``) also fails it from any
+  host. (Optuna's journal storage has no heartbeat.)
+- Staleness: the study stores a hash of everything that makes its trials comparable. When a
+  worker finds a study whose hash differs, the old one is set aside (:func:`prepare_study`): the
+  journal file renamed to ``study.<old hash>.journal.bak``, a database study copied to
+  ``<name>.<old hash>.bak`` in the same database and deleted, and a fresh study starts, so trials
+  of two search spaces never mix. A ``study.db`` of an earlier version (one SQLite file per study)
+  is carried over into the journal file once (:func:`adopt_sqlite_study`).
 
 The tables of a study (``trials.csv``, the ``best_params.json`` record) are made here too.
 """
@@ -23,38 +34,50 @@ The tables of a study (``trials.csv``, the ``best_params.json`` record) are made
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from allfuse import tracking
 from allfuse.errors import AllfuseError
+from allfuse.files import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
 log = logging.getLogger(__name__)
 
-# A trial's heartbeat is written every HEARTBEAT_INTERVAL_S; one silent for GRACE_PERIOD_S is stale.
+JOURNAL = "study.journal"
+# The SQLite study file of earlier allfuse versions, carried over into the journal when found.
+LEGACY_SQLITE = "study.db"
+# A trial's heartbeat (database storages) is written every HEARTBEAT_INTERVAL_S; one silent for
+# GRACE_PERIOD_S is stale.
 HEARTBEAT_INTERVAL_S = 60
 GRACE_PERIOD_S = 180
+# A budget lock left by a dead worker is broken after this long without a change.
+BUDGET_LOCK_GRACE_S = 120
 # Trials killed with their process are retried once with the same parameters; a configuration
 # that kills its process twice (e.g. out of memory) is left to the sampler's judgement.
 MAX_RETRY = 1
 # Trials that end FAIL (the objective could not be computed) do not count towards the budget; a
-# run gives up after this many of them plus the budget, instead of sampling forever.
+# worker gives up after this many of them instead of sampling forever.
 MAX_EXTRA_FAILURES = 5
 
 HASH_ATTR = "allfuse.settings_hash"
 SETTINGS_ATTR = "allfuse.settings"
+SAMPLER_ATTR = "allfuse.sampler"
 PARENT_ATTR = "allfuse.mlflow_parent_run_id"
 BEST_RUN_ATTR = "allfuse.mlflow_best_run_id"
 OWNER_ATTR = "allfuse.owner"
+WORKER_ATTR = "allfuse.worker"
+SEED_ATTR = "allfuse.sampler_seed"
 RUN_ATTR = "allfuse.mlflow_run_id"
 BEST_EPOCH_ATTR = "allfuse.best_epoch"
 
@@ -68,9 +91,36 @@ TRIAL_COLUMNS = (
     "epochs",
     "best_epoch",
     "retry_of",
+    "worker",
+    "sampler_seed",
     "mlflow_run_id",
 )
 
+
+@dataclass(frozen=True)
+class StudyPlace:
+    """Where study ``name`` lives: ``folder`` (its outputs, lock files and, with ``url`` None, its
+    journal file) and ``url``, a database URL holding it instead of the journal file."""
+
+    name: str
+    folder: Path
+    url: str | None = None
+
+    @property
+    def journal(self) -> Path:
+        return self.folder / JOURNAL
+
+    @property
+    def label(self) -> str:
+        """The storage as runs and records name it: the journal file, or the URL without a password."""
+        if self.url is None:
+            return str(self.journal)
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def exists(self) -> bool:
+        return self.url is not None or self.journal.exists()
 
 
 def owner() -> dict[str, Any]:
@@ -79,24 +129,28 @@ def owner() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def study_lock(db_path: str | Path) -> Iterator[Path]:
-    """Hold an exclusive flock on ``<db>.lock`` for the block; AllfuseError when another process has it.
+def worker_lock(place: StudyPlace, worker: int) -> Iterator[Path]:
+    """Hold an exclusive flock on ``study.worker<worker>.lock`` for the block; AllfuseError when
+    another process has it (the same worker of this study is running).
 
-    The kernel drops the lock when its process dies, however it dies, so holding it proves that no
-    live process is running a trial of this study.
+    Holding it proves that no live process runs a trial as this worker, so RUNNING trials marked
+    with this worker were left by one that died. On a file system without flock the block runs
+    unguarded, with a warning.
     """
-    path = Path(f"{db_path}.lock")
+    path = place.folder / f"study.worker{worker}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise AllfuseError(
-                f"study {db_path} is being tuned by another process ({holder}); wait for it to finish or stop it"
-            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                log.warning("cannot lock %s (%s): a second process of worker %d would go unnoticed", path, exc, worker)
+            else:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise AllfuseError(f"worker {worker} of study {place.name} is running in another process ({holder}); "
+                                   "wait for it to finish or stop it") from None  # fmt: skip
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -106,26 +160,75 @@ def study_lock(db_path: str | Path) -> Iterator[Path]:
         handle.close()
 
 
-def fail_orphaned_trials(study: optuna.Study, retry: Callable[[Any, Any], None] | None = None) -> list[int]:
-    """Mark FAIL every RUNNING trial of ``study`` and return their numbers; call with the study lock held.
+class BudgetLock:
+    """The lock a worker holds from counting a study's trials until its new trial is marked as its
+    own (and while it joins the study): Optuna's ``JournalFileOpenLock`` (O_EXCL lock file,
+    NFS-safe) on ``study.budget.lock``.
 
-    Under the lock a RUNNING trial cannot belong to a live process: it was left by one that died
-    (its owner's pid is logged, and whether it is still alive, e.g. when a pid was reused). Each
-    failed trial is passed to ``retry`` (``retry_callback``) so it is rerun with the same parameters.
+    A holder that died leaves the file behind; the others break it after ``BUDGET_LOCK_GRACE_S``
+    (Optuna's default of 30 s could break the lock of a worker whose first MLflow calls are slow).
+    ``release`` is a no-op when not held, so a trial can release it and the worker's loop too.
+    """
+
+    def __init__(self, place: StudyPlace) -> None:
+        from optuna.storages.journal import JournalFileOpenLock
+
+        place.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = JournalFileOpenLock(str(place.folder / "study.budget"), grace_period=BUDGET_LOCK_GRACE_S)
+        self.held = False
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._lock.release()
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _is_dead(trial: Any, worker: int) -> str | None:
+    """Why a RUNNING trial, seen under the budget lock by ``worker`` (running no trial itself),
+    has no live process; None when it may have one."""
+    who = trial.user_attrs.get(OWNER_ATTR) or {}
+    if WORKER_ATTR not in trial.user_attrs:
+        return "never marked by a worker"
+    if trial.user_attrs[WORKER_ATTR] == worker:
+        return f"left by an earlier run of worker {worker}"
+    pid = int(who.get("pid", 0) or 0)
+    if who.get("host") == socket.gethostname() and pid != os.getpid() and not tracking.pid_alive(pid):
+        return "its process is gone"
+    return None
+
+
+def fail_orphaned_trials(study: optuna.Study, worker: int, retry: Callable[[Any, Any], None] | None = None) -> list[int]:
+    """Mark FAIL every RUNNING trial of ``study`` without a live process and return their numbers.
+
+    Call with the budget lock and ``worker``'s lock held, between trials. Each failed trial is
+    passed to ``retry`` (``retry_callback``) so it is rerun with the same parameters.
     """
     import optuna
 
     storage = study._storage  # the study's own storage: the only handle that can change a trial's state
+    running = (optuna.trial.TrialState.RUNNING,)
     failed: list[int] = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        who = trial.user_attrs.get(OWNER_ATTR) or {}
-        pid = int(who.get("pid", 0) or 0)
-        if who.get("host") != socket.gethostname():
-            state = "another host"
-        elif pid != os.getpid() and tracking.pid_alive(pid):
-            state = "that pid is alive again: reused"
-        else:
-            state = "its process is gone"
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval:
+        before = {t.number for t in study.get_trials(deepcopy=False, states=running)}
+        with warnings.catch_warnings():  # Optuna's own: stale heartbeats, from any host (retried by the storage)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        failed = sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=running)})
+    for trial in study.get_trials(deepcopy=False, states=running):
+        why = _is_dead(trial, worker)
+        if why is None:
+            continue
         try:
             changed = storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -133,13 +236,9 @@ def fail_orphaned_trials(study: optuna.Study, retry: Callable[[Any, Any], None] 
         if not changed:
             continue
         failed.append(trial.number)
-        log.warning(
-            "trial %d was left RUNNING by process %s on %s (%s): marked FAIL",
-            trial.number,
-            who.get("pid", "?"),
-            who.get("host", "?"),
-            state,
-        )
+        who = trial.user_attrs.get(OWNER_ATTR) or {}
+        log.warning("trial %d was left RUNNING by process %s on %s (%s): marked FAIL", trial.number,
+                    who.get("pid", "?"), who.get("host", "?"), why)  # fmt: skip
         if retry is not None:
             retry(study, storage.get_trial(trial._trial_id))
     return failed
@@ -153,8 +252,10 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _storage_url(db_path: Path) -> str:
-    return "sqlite:///" + str(db_path.resolve())
+def count_running(study: optuna.Study) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def retry_callback() -> Callable[[Any, Any], None]:
@@ -166,85 +267,137 @@ def retry_callback() -> Callable[[Any, Any], None]:
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
-def open_storage(db_path: Path, heartbeat: bool) -> Any:
+def open_storage(place: StudyPlace, heartbeat: bool = False) -> Any:
+    """The study's Optuna storage: the journal file, or the database (with ``heartbeat``, Optuna's
+    heartbeat fails the trials of dead workers from any host). Close with :func:`close_storage`."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    if place.url is None:
+        place.folder.mkdir(parents=True, exist_ok=True)
+        path = str(place.journal)
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    kwargs: dict[str, Any] = {}
+    if place.url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     if heartbeat:
-        kwargs |= {
-            "heartbeat_interval": HEARTBEAT_INTERVAL_S,
-            "grace_period": GRACE_PERIOD_S,
-            "heartbeat_stale_trial_callback": retry_callback(),
-        }
+        kwargs |= {"heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": GRACE_PERIOD_S,
+                   "heartbeat_stale_trial_callback": retry_callback()}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(_storage_url(db_path), **kwargs)
+        return optuna.storages.RDBStorage(place.url, **kwargs)
 
 
-def _peek_study(db_path: Path, name: str) -> tuple[str | None, int] | None:
-    """(stored settings hash, number of trials) of study ``name`` in ``db_path``; None if no such study.
+def close_storage(storage: Any) -> None:
+    """Give a database storage's connections back (a journal file holds none open)."""
+    if hasattr(storage, "engine"):
+        storage.remove_session()
+        storage.engine.dispose()
 
-    Raises AllfuseError when the file is not an Optuna sqlite study.
+
+def _peek_study(place: StudyPlace) -> tuple[str | None, int] | None:
+    """(stored settings hash, number of trials) of the study; None if the storage has no such study.
+
+    Raises AllfuseError when the journal file is not an Optuna journal.
     """
     storage = None
     try:
-        storage = open_storage(db_path, heartbeat=False)
+        storage = open_storage(place)
         try:
-            study_id = storage.get_study_id_from_name(name)
+            study_id = storage.get_study_id_from_name(place.name)
         except KeyError:
             return None
         attrs = storage.get_study_user_attrs(study_id)
         return attrs.get(HASH_ATTR), len(storage.get_all_trials(study_id, deepcopy=False))
     except AllfuseError:
         raise
-    except Exception as exc:  # sqlalchemy / optuna errors on a file that is not a study
-        raise AllfuseError(f"{db_path} is not a readable Optuna study ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # a journal file that is not a journal (cut short, garbage), a database refusing us
+        if place.url is not None:
+            raise AllfuseError(f"study {place.name} in {place.label}: {describe(exc)}; check "
+                               "tune.storage and that the database is reachable") from None  # fmt: skip
+        raise AllfuseError(f"{place.journal} is not a readable Optuna journal ({describe(exc)})") from None
     finally:
         if storage is not None:
-            storage.engine.dispose()
+            close_storage(storage)
 
 
-def retire_study_file(db_path: Path, tag: str) -> Path:
-    """Rename ``study.db`` aside to ``study.<tag>.db.bak`` (a numbered name if taken); return the new path."""
-    dest = db_path.with_name(f"{db_path.stem}.{tag}.db.bak")
+def retire_study_file(path: Path, tag: str) -> Path:
+    """Rename a study file (``study.journal``) aside to ``study.<tag>.journal.bak`` (a numbered name
+    if taken); return the new path."""
+    dest = path.with_name(f"{path.stem}.{tag}{path.suffix}.bak")
     n = 1
     while dest.exists():
-        dest = db_path.with_name(f"{db_path.stem}.{tag}.{n}.db.bak")
+        dest = path.with_name(f"{path.stem}.{tag}.{n}{path.suffix}.bak")
         n += 1
-    os.replace(db_path, dest)
-    for suffix in ("-journal", "-wal", "-shm"):  # sqlite side files belong to the file they came from
-        side = Path(f"{db_path}{suffix}")
-        if side.exists():
-            os.replace(side, Path(f"{dest}{suffix}"))
+    os.replace(path, dest)
     return dest
 
 
-def prepare_study_file(db_path: Path, name: str, settings_hash: str) -> tuple[int, Path | None]:
-    """Make ``db_path`` hold only a study with ``settings_hash``: (trials it holds, where an old file went).
+def _retire_database_study(place: StudyPlace, tag: str) -> str:
+    """Copy the study to ``<name>.<tag>.bak`` (a numbered name if taken) in its database, delete it."""
+    import optuna
 
-    A study with another hash (its search space, settings or data changed), a file without the
-    study or a file that is not a study is renamed aside (``retire_study_file``), never deleted.
+    taken = {s.study_name for s in optuna.get_all_study_summaries(place.url)}
+    dest, n = f"{place.name}.{tag}.bak", 1
+    while dest in taken:
+        dest, n = f"{place.name}.{tag}.{n}.bak", n + 1
+    optuna.copy_study(from_study_name=place.name, from_storage=place.url, to_storage=place.url, to_study_name=dest)
+    optuna.delete_study(study_name=place.name, storage=place.url)
+    return dest
+
+
+def adopt_sqlite_study(place: StudyPlace) -> Path | None:
+    """Carry a study of an earlier allfuse version (``study.db``, Optuna's SQLite storage) over into
+    the journal file, trials, attributes and MLflow run id included, and rename the file to
+    ``study.db.adopted.bak``; its path, or None when there is nothing to adopt.
+
+    Call with the budget lock held. Its finished trials count towards the budget as if they had
+    been run in the journal; one left RUNNING is failed and retried like any orphan.
     """
-    if not db_path.exists():
+    import optuna
+
+    legacy = place.folder / LEGACY_SQLITE
+    if place.url is not None or place.journal.exists() or not legacy.exists():
+        return None
+    dest = legacy.with_name(f"{LEGACY_SQLITE}.adopted.bak")
+    try:
+        optuna.copy_study(from_study_name=place.name, from_storage=f"sqlite:///{legacy.resolve()}",
+                          to_storage=open_storage(place))  # fmt: skip
+        log.info("carried study %s over from %s into %s", place.name, legacy, place.journal)
+    except Exception as exc:  # not a study, or not this one: keep it aside, start afresh
+        place.journal.unlink(missing_ok=True)
+        dest = legacy.with_name(f"{LEGACY_SQLITE}.unreadable.bak")
+        log.warning("could not carry %s over (%s: %s); keeping it as %s", legacy, exc.__class__.__name__, exc, dest)
+    os.replace(legacy, dest)
+    return dest
+
+
+def prepare_study(place: StudyPlace, settings_hash: str) -> tuple[int, str | None]:
+    """Make the storage hold only a study with ``settings_hash``: (trials it holds, where an old one went).
+
+    Call with the budget lock held. A study with another hash (its search space, settings or data
+    changed), a journal file without the study or one that is not a journal is set aside (module
+    docstring), never deleted.
+    """
+    adopt_sqlite_study(place)
+    if not place.exists():
         return 0, None
     try:
-        peek = _peek_study(db_path, name)
+        peek = _peek_study(place)
     except AllfuseError as exc:
-        moved = retire_study_file(db_path, "unreadable")
+        if place.url is not None:
+            raise
+        moved = str(retire_study_file(place.journal, "unreadable"))
         log.warning("%s; moved it to %s and starting a fresh study", exc, moved)
         return 0, moved
     if peek is not None and peek[0] == settings_hash:
         return peek[1], None
+    if peek is None and place.url is not None:
+        return 0, None  # a database holds many studies: this one is simply new
     old = (peek[0] or "unknown")[:12] if peek is not None else "nostudy"
-    moved = retire_study_file(db_path, old)
-    log.warning(
-        "study %s in %s was made with other settings (hash %s, now %s): moved it to %s and starting a fresh study",
-        name,
-        db_path,
-        old,
-        settings_hash[:12],
-        moved,
-    )
+    moved = _retire_database_study(place, old) if place.url is not None else str(retire_study_file(place.journal, old))
+    log.warning("study %s in %s was made with other settings (hash %s, now %s): moved it to %s and starting a "
+                "fresh study", place.name, place.label, old, settings_hash[:12], moved)  # fmt: skip
     return 0, moved
 
 
@@ -272,6 +425,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "epochs": len(trial.intermediate_values),
             "best_epoch": trial.user_attrs.get(BEST_EPOCH_ATTR),
             "retry_of": trial.system_attrs.get("failed_trial"),
+            "worker": trial.user_attrs.get(WORKER_ATTR),
+            "sampler_seed": trial.user_attrs.get(SEED_ATTR),
             "mlflow_run_id": trial.user_attrs.get(RUN_ATTR),
         }
         row.update({f"params_{k}": v for k, v in sorted(trial.params.items())})
@@ -284,7 +439,16 @@ def trials_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [*TRIAL_COLUMNS, *params]
 
 
-def best_record(study: optuna.Study, objective: str, direction: str, settings_hash: str, db_path: Path) -> dict[str, Any]:
+def sampler_seeds(study: optuna.Study) -> dict[str, list[int]]:
+    """The sampler seeds each worker used (several when it resumed), from its trials: {"0": [0, 2], ...}."""
+    seeds: dict[str, set[int]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if WORKER_ATTR in trial.user_attrs and SEED_ATTR in trial.user_attrs:
+            seeds.setdefault(str(trial.user_attrs[WORKER_ATTR]), set()).add(int(trial.user_attrs[SEED_ATTR]))
+    return {worker: sorted(values) for worker, values in sorted(seeds.items(), key=lambda kv: int(kv[0]))}
+
+
+def best_record(study: optuna.Study, objective: str, direction: str, settings_hash: str, place: StudyPlace) -> dict[str, Any]:
     """The best_params.json record: {"params", "value", "objective", "trial", "n_complete", "study", ...}."""
     import optuna
 
@@ -293,7 +457,7 @@ def best_record(study: optuna.Study, objective: str, direction: str, settings_ha
     complete = [t for t in trials if t.state == states.COMPLETE]
     if not complete:
         raise AllfuseError(
-            f"study {study.study_name} ({db_path}) has no completed trial "
+            f"study {study.study_name} ({place.label}) has no completed trial "
             f"({sum(t.state == states.PRUNED for t in trials)} pruned, {sum(t.state == states.FAIL for t in trials)} "
             "failed): check the log; widen the search space or raise tune.n_trials"
         )
@@ -309,8 +473,6 @@ def best_record(study: optuna.Study, objective: str, direction: str, settings_ha
         "n_pruned": sum(t.state == states.PRUNED for t in trials),
         "n_failed": sum(t.state == states.FAIL for t in trials),
         "study": study.study_name,
-        "storage": str(db_path),
+        "storage": place.label,
         "settings_hash": settings_hash,
     }
-
-

@@ -31,6 +31,8 @@ MLFLOW_COMMIT = "mlflow.source.git.commit"
 MLFLOW_PARENT = "mlflow.parentRunId"
 HOST = "allfuse.host"
 PID = "allfuse.pid"
+AWAITS = "allfuse.awaits"
+SLURM_JOB = "allfuse.slurm_job_id"
 SYNTHETIC = "allfuse.synthetic"
 DATASET = "allfuse.dataset"
 SHA256 = "allfuse.sha256."
@@ -49,6 +51,8 @@ STUDY = "allfuse.study"
 STUDY_DB = "allfuse.study_db"
 SETTINGS_HASH = "allfuse.settings_hash"
 N_TRIALS = "allfuse.n_trials"
+WORKERS = "allfuse.workers"
+WORKER = "allfuse.worker"
 TRIAL = "allfuse.trial"
 TRIAL_STATE = "allfuse.trial_state"
 BEST_TRIAL = "allfuse.best_trial"
@@ -74,7 +78,7 @@ PACKAGE_RUN = "allfuse.package_run"
 REFERRAL_THRESHOLD = "allfuse.referral_threshold"
 
 #: Tags whose values differ between two otherwise identical runs; they never enter a run's id.
-VOLATILE = (HOST, PID)
+VOLATILE = (HOST, PID, SLURM_JOB)
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,15 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(VERSION, ALL, True, "allfuse package version"),
     Tag(LEVEL, ALL, True, "trial, study, member, baseline, ensemble, fusion, evaluation or package"),
     Tag(RULE, ALL, True, "the workflow rule whose job created the run"),
-    Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run (a dead job's runs end KILLED when it reruns)"),
+    Tag(JOB, ALL, True, "rule/wildcard values: the job that owns the run"),
     Tag(WILDCARDS, ALL, True, "the job's wildcards as JSON"),
     Tag(CONFIG_SHA256, ALL, True, "sha256 of the whole resolved workflow config (the same meaning on every run)"),
     Tag(GIT_COMMIT, ALL, True, "commit of the workflow's source tree ('unknown' outside git)"),
     Tag(GIT_DIRTY, ALL, True, "true when tracked files differ from that commit"),
     Tag(MLFLOW_COMMIT, ALL, True, "the same commit, where MLflow's UI shows it"),
     Tag(HOST, ALL, True, "host the job ran on"),
-    Tag(PID, ALL, True, "process id of the job"),
+    Tag(PID, ALL, True, "process id of the job (a RUNNING run whose process is gone ends KILLED when the next stage starts)"),
+    Tag(SLURM_JOB, ALL, False, "the Slurm job the job ran as (set only under Slurm)"),
     Tag(SYNTHETIC, ALL, True, "true when the data are the synthetic demo archives"),
     Tag(DATASET, ALL, True, "dataset(s) the run covers, comma-separated"),
     Tag(SHA256, ALL, True, "sha256 of each input file, by input name"),
@@ -109,19 +114,23 @@ SCHEMA: tuple[Tag, ...] = (
     Tag(FOLD, ("trial", "study", "member", "baseline", "ensemble", "fusion", "package"), True, "fold of the split file"),
     Tag(SEED, ("member", "baseline"), True, "the member's seed (baseline: its estimator's seed)"),
     Tag(SEEDS, ("ensemble",), True, "the ensemble's seeds, as JSON"),
-    Tag(DEVICE, ("study", "member"), True, "cpu, or gpu:<ids> the job ran on"),
-    Tag(TF_THREADS, ("study", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
+    Tag(DEVICE, ("trial", "member"), True, "cpu, or gpu:<ids> the job ran on (trial: its worker's job)"),
+    Tag(TF_THREADS, ("trial", "member"), True, "TensorFlow intra-op threads ('default' when left to it)"),
     Tag(TUNED, ("member",), True, "hyperparameters taken from the study's best trial ('none' without a study)"),
     Tag(STUDY, ("trial", "study"), True, "Optuna study name"),
-    Tag(STUDY_DB, ("study",), True, "the study's storage file"),
+    Tag(STUDY_DB, ("study",), True, "the study's storage: its journal file, or the database URL without a password"),
     Tag(SETTINGS_HASH, ("study",), True, "hash of what makes the study's trials comparable"),
-    Tag(N_TRIALS, ("study",), True, "the study's trial budget"),
+    Tag(N_TRIALS, ("study",), True, "the study's trial budget (finished trials, over all workers)"),
+    Tag(WORKERS, ("study",), True, "tuning jobs sharing the study (tune.workers)"),
+    Tag(WORKER, ("trial",), True, "the worker (0 .. workers-1) whose job ran the trial"),
     Tag(TRIAL, ("trial",), True, "trial number"),
     Tag(TRIAL_STATE, ("trial",), True, "COMPLETE, PRUNED or FAIL"),
     Tag(BEST_TRIAL, ("trial", "study"), False, "trial: whether it is the study's best; study: the best trial's number"),
     Tag(BEST_RUN_ID, ("study",), False, "the best trial's run"),
     Tag(BEST, ("study",), False, "the best trial's value of each tuned hyperparameter"),
     Tag(COLLAPSED, ("member",), False, "subsets predicted all one class, e.g. 'val,test' ('none'; set once trained)"),
+    Tag(AWAITS, ("ensemble",), False, "the rule that closes a run opened for later jobs (an ensemble's parent run: "
+        "aggregate_ensemble), until that rule resumes it; such a run is left RUNNING when its opener exits"),
     Tag(DROPPED, ("ensemble",), False, "seeds of collapsed members left out (ensemble.drop_collapsed), 'none'"),
     Tag(N_MEMBERS, ("ensemble",), False, "members averaged (once aggregated)"),
     Tag(MEMBER_RUN_IDS, ("ensemble",), False, "the members' runs, comma-separated (once aggregated)"),

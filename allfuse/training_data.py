@@ -27,9 +27,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from allfuse.arrays import RowStack, open_npz_member, write_npy_stream
-from allfuse.errors import DataError
-from allfuse.files import atomic_path, read_json, sha256_array, sha256_json
+from allfuse.arrays import ArrayFileError, RowStack, open_npz_member, write_npy_stream
+from allfuse.errors import DataError, IntermediateError
+from allfuse.files import atomic_path, read_record, reading, sha256_array, sha256_json
 from allfuse.settings import HybridSettings
 
 SUBSETS = ("train", "val", "test")
@@ -66,8 +66,6 @@ class TrainingData(Protocol):
 
 # ------------------------------------------------------------------------------- feature files
 
-_FIX = "delete it and rerun the extract_features rule"
-
 
 def write_features(path: str | Path, y: np.ndarray, ids: np.ndarray, view: np.ndarray, map_shape: tuple[int, ...],
                    x_blocks: Iterable[np.ndarray]) -> int:  # fmt: skip
@@ -97,33 +95,28 @@ def save_features(path: str | Path, arrays: Mapping[str, Any]) -> None:
 
 
 def load_features(path: str | Path) -> dict[str, Any]:
-    """A subset's feature arrays written by :func:`write_features`; DataError naming the file.
+    """A subset's feature arrays written by :func:`write_features`; IntermediateError naming the
+    file and rule extract_features when it is missing or damaged.
 
     ``y``, ``ids`` and ``view`` are read; ``x`` (M, H, W, C) float16 is an
     ``allfuse.arrays.NpyRows``: its rows are read from the file when indexed (``x[rows]``,
     ``np.asarray(x)``), so a job reads the maps it uses and holds no more.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"feature file not found: {path} (run the extract_features rule first)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            missing = [k for k in FEATURE_ARRAYS if f"{k}.npy" not in archive.namelist()]
-            if missing:
-                raise DataError(f"feature file {path} lacks arrays {missing}; {_FIX}")
-            arrays: dict[str, Any] = {"x": open_npz_member(path, archive, "x.npy")}
-            for k in FEATURE_ARRAYS[1:]:
-                with archive.open(f"{k}.npy") as fh:
-                    arrays[k] = np.lib.format.read_array(fh, allow_pickle=False)
-    except DataError as exc:
-        if _FIX in str(exc):
-            raise
-        raise DataError(f"feature file {path} is unreadable ({exc}); {_FIX}") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"feature file {path} is unreadable ({exc.__class__.__name__}: {exc}); {_FIX}") from None
+    rule = "extract_features"
+    with reading(path, rule) as p, zipfile.ZipFile(p) as archive:
+        missing = [k for k in FEATURE_ARRAYS if f"{k}.npy" not in archive.namelist()]
+        if missing:
+            raise IntermediateError(p, rule, f"lacks arrays {missing}")
+        try:
+            arrays: dict[str, Any] = {"x": open_npz_member(p, archive, "x.npy")}
+        except ArrayFileError as exc:
+            raise IntermediateError(p, rule, exc.problem) from None
+        for k in FEATURE_ARRAYS[1:]:
+            with archive.open(f"{k}.npy") as fh:
+                arrays[k] = np.lib.format.read_array(fh, allow_pickle=False)
     m = arrays["x"].shape[0]
     if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS) or arrays["x"].dtype != np.float16:
-        raise DataError(f"feature file {path} has arrays of different lengths or types; {_FIX}")
+        raise IntermediateError(p, rule, "holds arrays of different lengths or types")
     return arrays
 
 
@@ -134,7 +127,7 @@ def fold_subsets(split_path: str | Path, fold: int, subsets: Sequence[str]) -> d
     """The image ids of ``subsets`` in fold ``fold`` of a split file."""
     from allfuse.splits import fold_ids
 
-    ids = fold_ids(read_json(split_path), int(fold))
+    ids = fold_ids(read_record(split_path, "make_splits"), int(fold))
     return {subset: list(ids[subset]) for subset in subsets}
 
 
@@ -242,12 +235,13 @@ class ImageData:
 def load_image_data(manifest: str | Path, images: str | Path, split: str | Path, fold: int,
                     subsets: Sequence[str]) -> ImageData:  # fmt: skip
     """The image cache with the manifest rows of ``subsets``; only their ids are looked up."""
-    from allfuse.data import load_images, read_manifest
+    from allfuse.data import load_images, producer_rule, read_manifest
 
     rows = read_manifest(manifest)
     cache = load_images(images)
     if cache.shape[0] != len(rows):
-        raise DataError(f"{images} holds {cache.shape[0]} images but {manifest} lists {len(rows)}; rerun ingestion")
+        raise IntermediateError(images, producer_rule(images), f"holds {cache.shape[0]} images but {manifest} lists "
+                                f"{len(rows)}")  # fmt: skip
     position = {row["image_id"]: i for i, row in enumerate(rows)}
     want = fold_subsets(split, fold, subsets)
     check_ids({s: set(position) for s in subsets}, want, exact=False,

@@ -1,26 +1,36 @@
-"""Bayesian hyperparameter optimisation: one Optuna study per (dataset, backbone), validation only.
+"""Bayesian hyperparameter optimisation: one Optuna study per (dataset, fold, backbone), validation only.
 
-``tune`` is what the workflow's ``tune_backbone`` rule calls. A study samples hyperparameters
-with TPE (seeded from ``tune.seed``), trains one model per trial on the TRAINING split, scores it
-on the VALIDATION split (``tune.objective``) and stops unpromising trials early with a median
-pruner fed the per-epoch validation metric. The test split is never loaded: the data layer
-(``allfuse.training_data``) is asked for the train and val subsets only. The best trial's
-parameters go to ``best_params.json``, which every ensemble member of that backbone reads
-(``allfuse.members.resolve_hyperparameters``).
+A study samples hyperparameters with TPE, trains one model per trial on the TRAINING split,
+scores it on the VALIDATION split (``tune.objective``) and stops unpromising trials early with a
+median pruner fed the per-epoch validation metric. The test split is never loaded: the data layer
+(``allfuse.training_data``) is asked for the train and val subsets only.
 
-The study file, its resumption after a crash and its staleness are ``allfuse.studies``'; the
-search space is parsed once, at start-up (``allfuse.settings.TuneSettings``).
+``tune`` is what the workflow's ``tune_backbone`` rule calls, once per worker: ``tune.workers``
+jobs (each its own GPU job) share the study and run its trials until it holds ``tune.n_trials``
+finished ones in total. ``collect_study`` (rule ``collect_study``, after every worker) writes
+``best_params.json``, which every ensemble member of that backbone reads
+(``allfuse.members.resolve_hyperparameters``), and ``trials.csv``. With one worker the trials run
+one after another exactly as a single process would run them.
 
-MLflow: the study is a stage run (``allfuse.stages``), reused when the study resumes, with one
-child run per trial holding the trial's parameters, every epoch's metrics as steps, its final
-state as the tag ``allfuse.trial_state`` (COMPLETE, PRUNED, FAIL) and its duration. The best
-trial's run is tagged ``allfuse.best_trial=true``; the best parameters go to the study's run
-(params ``best.<name>``, tags ``allfuse.best.<name>``, artifacts ``best_params.json`` and
-``trials.csv``).
+The sampler's settings are pinned (``TPE_PINNED``) and recorded in the study, the MLflow study
+run and best_params.json; each worker's sampler has its own seed (``worker_seed``), recorded on
+every trial with the worker that ran it. The study's storage, its budget lock, resumption after a
+crash and its staleness are ``allfuse.studies``'; the search space is parsed once, at start-up
+(``allfuse.settings.TuneSettings``).
+
+MLflow: one study run per study (``allfuse.stages``), created by the first worker, shared by all
+(its id is kept in the study) and ended FINISHED by ``collect_study``; a worker that fails ends it
+FAILED (KILLED when interrupted) until the next worker resumes it. Each trial is a child run
+holding the trial's parameters and sampler seed, its worker (tag ``allfuse.worker``) and that
+job's device, every epoch's metrics as steps, its final state as the tag ``allfuse.trial_state``
+(COMPLETE, PRUNED, FAIL) and its duration. The best trial's run is tagged
+``allfuse.best_trial=true``; the best parameters go to the study's run (params ``best.<name>``,
+tags ``allfuse.best.<name>``, artifacts ``best_params.json`` and ``trials.csv``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +46,7 @@ from allfuse.files import read_json, sha256_json, write_csv
 from allfuse.session import Runtime, compute_session
 from allfuse.settings import HybridSettings, ParamSpec, TuneSettings
 from allfuse.stages import SplitFacts, StageContext, StageRun, stage_run
+from allfuse.studies import StudyPlace
 from allfuse.training_data import TrainingData, load_training_data
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,16 +60,32 @@ EpochHook = Callable[[int, dict[str, float]], None]
 # holds, as in allfuse.training.TrainResult).
 Trainer = Callable[..., Any]
 
+#: TPESampler's arguments besides n_startup_trials (tune.tpe_startup_trials) and seed, pinned so a
+#: study means the same on every Optuna version. They are Optuna 5.0's defaults, which every
+#: earlier study of this project ran with: multivariate TPE over all tuned parameters, no group
+#: decomposition, 24 expected-improvement candidates, and the constant liar: a trial other workers
+#: are running counts as a bad one, so parallel workers do not crowd one region (with one worker
+#: no other trial runs and it changes nothing). Optuna's deprecated Parzen-estimator arguments
+#: (prior weight, magic clip, endpoints, gamma, weights) cannot be set without a warning; they
+#: keep their fixed values.
+TPE_PINNED: dict[str, Any] = {"multivariate": True, "group": False, "constant_liar": True, "n_ei_candidates": 24}
+
+
+def study_name(dataset: str, fold: int, backbone: str) -> str:
+    """The Optuna study's name, e.g. ``ALL_IDB2-fold0-mobilenetv2`` (unique in a results tree)."""
+    return f"{dataset}-fold{fold}-{backbone}"
+
 
 @dataclass(frozen=True)
 class TuneJob:
-    """Everything one study needs, as values and paths (no Snakemake objects).
+    """One worker of a study, as values and paths (no Snakemake objects).
 
     base: the hybrid settings the study depends on (``HybridSettings.study_view``: all but the
     tuned keys, which each trial draws, and ``epochs``, which is ``tune.epochs``).
     data: head mode {"train", "val"} feature files; finetune mode {"manifest", "images"}. Any
-    other key (a "test" file) is ignored. study_db: default ``study.db`` next to ``out_best``.
-    enqueue: parameter sets evaluated first when the study is new (e.g. known good settings).
+    other key (a "test" file) is ignored. out_record: the worker's record (``worker<i>.json``);
+    the study's folder (journal file, lock files) is the one it is in.
+    worker: 0 .. tune.workers - 1. enqueue: parameter sets evaluated first when the study is new.
     """
 
     dataset: str
@@ -67,25 +94,48 @@ class TuneJob:
     tune: TuneSettings
     data: Mapping[str, str]
     split: str
-    out_best: str
-    out_trials: str
+    out_record: str
     runtime: Runtime
     context: StageContext
-    study_db: str | None = None
     fold: int = 0
+    worker: int = 0
     enqueue: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
 
     @property
-    def db_path(self) -> Path:
-        return Path(self.study_db) if self.study_db else Path(self.out_best).parent / "study.db"
+    def name(self) -> str:
+        return study_name(self.dataset, self.fold, self.backbone)
 
     @property
-    def name(self) -> str:
-        return f"{self.dataset}-fold{self.fold}-{self.backbone}"
+    def place(self) -> StudyPlace:
+        return StudyPlace(self.name, Path(self.out_record).parent, self.tune.storage)
 
     def trial_settings(self, params: Mapping[str, Any]) -> HybridSettings:
         """A trial's hybrid settings: the study's base, the trial's values, the tuning epochs."""
         return HybridSettings.from_params({**self.base, **params, "epochs": self.tune.epochs})
+
+
+@dataclass(frozen=True)
+class CollectJob:
+    """The collecting step of a study, after all its workers: ``workers`` are their records;
+    best_params.json and trials.csv go to ``out_best`` and ``out_trials`` in the study's folder."""
+
+    dataset: str
+    backbone: str
+    tune: TuneSettings
+    split: str
+    workers: Sequence[str]
+    out_best: str
+    out_trials: str
+    context: StageContext
+    fold: int = 0
+
+    @property
+    def name(self) -> str:
+        return study_name(self.dataset, self.fold, self.backbone)
+
+    @property
+    def place(self) -> StudyPlace:
+        return StudyPlace(self.name, Path(self.out_best).parent, self.tune.storage)
 
 
 def suggest(trial: optuna.trial.BaseTrial, specs: Sequence[ParamSpec]) -> dict[str, Any]:
@@ -105,9 +155,9 @@ def suggest(trial: optuna.trial.BaseTrial, specs: Sequence[ParamSpec]) -> dict[s
 
 def study_identity(tune: TuneSettings, base: Mapping[str, Any], data_digest: str = "") -> dict[str, Any]:
     """Everything that makes a study's trials comparable, as plain JSON values: the tune settings
-    without the budget (a budget change tops up instead of restarting), the parsed search space,
-    the study's base hybrid settings (tuned keys left out) and the digest of the training and
-    validation data."""
+    without the budget (a budget change tops up instead of restarting) and how the study runs
+    (workers, storage), the parsed search space, the study's base hybrid settings (tuned keys left
+    out) and the digest of the training and validation data."""
     tuned = set(tune.tuned)
     return {"tune": tune.identity(), "settings": {k: v for k, v in base.items() if k not in tuned}, "data": data_digest}
 
@@ -115,6 +165,23 @@ def study_identity(tune: TuneSettings, base: Mapping[str, Any], data_digest: str
 def study_hash(tune: TuneSettings, base: Mapping[str, Any], data_digest: str = "") -> str:
     """sha256 of ``study_identity``: equal hashes mean trials of one study may be pooled."""
     return sha256_json(study_identity(tune, base, data_digest))
+
+
+def sampler_settings(tune: TuneSettings, seed: int) -> dict[str, Any]:
+    """Every argument the study's TPESampler is built with: ``TPE_PINNED``, tune.tpe_startup_trials
+    and ``seed``."""
+    return {"n_startup_trials": tune.tpe_startup_trials, **TPE_PINNED, "seed": seed}
+
+
+def worker_seed(tune: TuneSettings, worker: int, existing: int) -> int:
+    """The sampler seed of ``worker`` joining a study that holds ``existing`` trials:
+    ``tune.seed + worker + tune.workers * existing``.
+
+    One worker: tune.seed, and a resumed study does not redraw its first run's random start-up
+    points. Several: no two workers of one study share a seed, whatever each found (their seeds
+    differ modulo tune.workers).
+    """
+    return tune.seed + worker + tune.workers * existing
 
 
 def fit_trial(data: TrainingData, settings: HybridSettings, seed: int, *, epochs: int, on_epoch_end: EpochHook) -> Any:
@@ -133,84 +200,162 @@ def final_value(history: Sequence[Mapping[str, Any]], best_epoch: int, objective
 
 
 def tune(job: TuneJob, trainer: Trainer = fit_trial) -> dict[str, Any]:
-    """Run (or resume, or top up) the study of ``job`` and write best_params.json and trials.csv.
+    """Run worker ``job.worker`` of the study of ``job`` (new, resumed or topped up) until the study
+    holds ``tune.n_trials`` finished trials, counting every worker's; write and return its record.
 
-    ``trainer`` trains one trial's model (default: the data layer's own fit). Returns the
-    best_params.json record.
+    ``trainer`` trains one trial's model (default: the data layer's own fit). The study's tables
+    are :func:`collect_study`'s.
     """
     if not job.tune.search_space:
         raise ConfigError(f"the search space of backbone '{job.backbone}' is empty: give at least one range, "
                           "or set tune.n_trials: 0 to skip tuning")  # fmt: skip
-    job.db_path.parent.mkdir(parents=True, exist_ok=True)
     with compute_session(job.runtime) as session:
-        log.info("study %s on %s, device %s", job.name, job.db_path, session.device)
+        log.info("study %s, worker %d of %d, in %s, device %s", job.name, job.worker, job.tune.workers,
+                 job.place.label, session.device)  # fmt: skip
         data = load_training_data(job.base["mode"], job.data, job.split, job.fold, subsets=("train", "val"))
         settings_hash = study_hash(job.tune, job.base, data.digest())
-        with studies.study_lock(job.db_path):
-            existing, _ = studies.prepare_study_file(job.db_path, job.name, settings_hash)
-            storage = studies.open_storage(job.db_path, heartbeat=True)
-            try:
-                tags = {T.BACKBONE: job.backbone, T.FOLD: job.fold, T.DEVICE: session.device,
-                        T.TF_THREADS: session.tf_threads or "default"}  # fmt: skip
-                return _run_study(job, data, trainer, storage, existing, settings_hash, tags)
-            finally:
-                storage.remove_session()
-                storage.engine.dispose()
+        facts = {T.DEVICE: session.device, T.TF_THREADS: session.tf_threads or "default"}
+        with studies.worker_lock(job.place, job.worker), contextlib.ExitStack() as stack:
+            budget = studies.BudgetLock(job.place)
+            with budget:  # one worker at a time sets the study (and its MLflow run) up
+                study, existing, seed = _join_study(job, settings_hash, stack)
+                stage = stack.enter_context(_study_stage(job, study, settings_hash))
+                _adopt_run(job, study, stage)
+            objective = _Objective(job, data, trainer, stage, budget, seed, facts)
+            _work(job, study, objective, existing)
+    return read_json(job.out_record)
 
 
-def _open_study(job: TuneJob, storage: Any, existing: int, settings_hash: str) -> optuna.Study:
-    """The study in its storage, new or resumed; a new one gets its identity and enqueued trials."""
+def _join_study(job: TuneJob, settings_hash: str, stack: contextlib.ExitStack) -> tuple[optuna.Study, int, int]:
+    """Under the budget lock: the study in its storage, new, resumed or set aside and started
+    afresh (``studies.prepare_study``), with this worker's sampler; (study, trials it held, seed)."""
+    existing, _ = studies.prepare_study(job.place, settings_hash)
+    storage = studies.open_storage(job.place, heartbeat=job.tune.storage is not None)
+    stack.callback(studies.close_storage, storage)
+    seed = worker_seed(job.tune, job.worker, existing)
+    return _open_study(job, storage, existing, settings_hash, seed), existing, seed
+
+
+def _open_study(job: TuneJob, storage: Any, existing: int, settings_hash: str, seed: int) -> optuna.Study:
+    """The study in its storage, new or resumed; a new one gets its identity, its sampler's
+    settings and the enqueued trials."""
     import optuna
 
-    # A resumed study gets a sampler seeded past its existing trials: reseeding with the config
-    # seed would redraw the first run's random start-up points. A study run in one go uses the
-    # config seed exactly.
-    sampler = optuna.samplers.TPESampler(seed=job.tune.seed + existing, n_startup_trials=job.tune.tpe_startup_trials)
+    sampler = optuna.samplers.TPESampler(**sampler_settings(job.tune, seed))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=job.tune.n_startup_trials,
                                          n_warmup_steps=job.tune.n_warmup_steps)  # fmt: skip
     study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=job.name,
                                 direction=job.tune.direction, load_if_exists=True)  # fmt: skip
+    recorded = _sampler_record(job.tune)
     if existing == 0 and not study.user_attrs.get(studies.HASH_ATTR):
         study.set_user_attr(studies.HASH_ATTR, settings_hash)
         study.set_user_attr(studies.SETTINGS_ATTR, study_identity(job.tune, job.base))
+        study.set_user_attr(studies.SAMPLER_ATTR, recorded)
         for params in job.enqueue:
             study.enqueue_trial(dict(params))
+    elif study.user_attrs.get(studies.SAMPLER_ATTR, recorded) != recorded:
+        log.warning("study %s was started with sampler settings %s; this worker samples with %s", job.name,
+                    study.user_attrs[studies.SAMPLER_ATTR], recorded)  # fmt: skip
     return study
 
 
-def _run_study(job: TuneJob, data: TrainingData, trainer: Trainer, storage: Any, existing: int,
-               settings_hash: str, tags: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _sampler_record(tune: TuneSettings) -> dict[str, Any]:
+    """The sampler as a study records it: its settings with the study's base seed, how each worker's
+    seed derives from it, the Optuna version."""
     import optuna
 
-    study = _open_study(job, storage, existing, settings_hash)
-    orphans = studies.fail_orphaned_trials(study, studies.retry_callback())
+    return {"name": "TPESampler", **sampler_settings(tune, tune.seed),
+            "worker_seed": "seed + worker + workers * trials_in_study_when_the_worker_started",
+            "optuna": optuna.__version__}  # fmt: skip
+
+
+def _study_tags(job: TuneJob | CollectJob, settings_hash: str) -> dict[str, Any]:
+    return {T.BACKBONE: job.backbone, T.FOLD: job.fold, T.STUDY: job.name, T.STUDY_DB: job.place.label,
+            T.SETTINGS_HASH: settings_hash, T.N_TRIALS: job.tune.n_trials, T.WORKERS: job.tune.workers}  # fmt: skip
+
+
+def _study_stage(job: TuneJob, study: optuna.Study, settings_hash: str) -> Any:
+    """The study's stage run as this worker sees it: resumed (or created, by the first worker), left
+    RUNNING when the worker ends; the worker's record is the stage's record."""
     inputs = {k: v for k, v in job.data.items() if k in ("train", "val", "manifest", "images")} | {"split": job.split}
-    tags = {**tags, T.STUDY: job.name, T.STUDY_DB: str(job.db_path), T.SETTINGS_HASH: settings_hash,
-            T.N_TRIALS: job.tune.n_trials}  # fmt: skip
-    with stage_run(job.context, "study", f"study-{job.name}", dataset=job.dataset,
-                   synthetic=SplitFacts.read(job.split).synthetic, inputs=inputs,
-                   outputs=[job.out_trials], record=job.out_best, tags=tags, where=False,
-                   resume=study.user_attrs.get(studies.PARENT_ATTR)) as stage:  # fmt: skip
-        if stage.run.run_id and study.user_attrs.get(studies.PARENT_ATTR) != stage.run.run_id:
-            study.set_user_attr(studies.PARENT_ATTR, stage.run.run_id)
-            stage.run.log_params(_study_params(job))
-        _close_orphans(job, study, orphans)
-        done = studies.count_finished(study)
-        remaining = job.tune.n_trials - done
-        log.info("study %s: %d of %d trials finished (%d resumed from %s), %d to run",
-                 job.name, done, job.tune.n_trials, existing, job.db_path, max(remaining, 0))  # fmt: skip
-        if remaining > 0:
-            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            study.optimize(_Objective(job, data, trainer, stage), n_trials=remaining + studies.MAX_EXTRA_FAILURES,
-                           callbacks=[optuna.study.MaxTrialsCallback(job.tune.n_trials, states=states)],
-                           gc_after_trial=True)  # fmt: skip
-        _finish(job, study, settings_hash, stage)
+    return stage_run(job.context, "study", f"study-{job.name}", dataset=job.dataset,
+                     synthetic=SplitFacts.read(job.split).synthetic, inputs=inputs, record=job.out_record,
+                     tags=_study_tags(job, settings_hash), where=False, finish=False,
+                     resume=study.user_attrs.get(studies.PARENT_ATTR))  # fmt: skip
+
+
+def _adopt_run(job: TuneJob, study: optuna.Study, stage: StageRun) -> None:
+    """A study run just created becomes the study's (kept in the study for every worker and the
+    collecting step) and gets the study's settings as params."""
+    if stage.run.run_id and study.user_attrs.get(studies.PARENT_ATTR) != stage.run.run_id:
+        study.set_user_attr(studies.PARENT_ATTR, stage.run.run_id)
+        stage.run.log_params(_study_params(job))
+
+
+def _work(job: TuneJob, study: optuna.Study, objective: _Objective, existing: int) -> None:
+    """Run trials until the study holds its budget, counting every worker's (``allfuse.studies``:
+    a trial starts only under the budget lock, when finished plus running trials are below it).
+
+    Fails when more than ``studies.MAX_EXTRA_FAILURES`` of this worker's trials failed, so a rerun
+    resumes the study.
+    """
+    done, budget = studies.count_finished(study), job.tune.n_trials
+    log.info("study %s, worker %d of %d: %d of %d trials finished (%d resumed from %s), sampler seed %d",
+             job.name, job.worker, job.tune.workers, done, budget, existing, job.place.label, objective.seed)  # fmt: skip
+    retry = studies.retry_callback()
+    while objective.failed <= studies.MAX_EXTRA_FAILURES:
+        objective.budget.acquire()
+        try:
+            orphans = studies.fail_orphaned_trials(study, job.worker, retry)
+            if not orphans:
+                done, running = studies.count_finished(study), studies.count_running(study)
+                if done + running >= budget:
+                    break
+                # The trial starts (ask) under the lock; the objective releases it once the trial is marked.
+                study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[objective.ended])
+        finally:
+            objective.budget.release()
+        _close_orphans(job, study, orphans)  # MLflow, outside the lock; their retries are next
+    done = studies.count_finished(study)
+    objective.stage.record.update({"study": job.name, "worker": job.worker, "workers": job.tune.workers,
+                                   "storage": job.place.label, "sampler_seed": objective.seed,
+                                   "trials": objective.ran, "finished": done})  # fmt: skip
+    if objective.failed > studies.MAX_EXTRA_FAILURES:
+        raise AllfuseError(f"study {job.name}, worker {job.worker}: {objective.failed} trials failed; the study "
+                           f"holds {done} of {budget} finished trials; see the log and {job.place.label}; rerun to "
+                           "resume")  # fmt: skip
+    log.info("study %s, worker %d: ran trials %s; the study holds %d of %d finished trials, %d running elsewhere",
+             job.name, job.worker, objective.ran, done, budget, studies.count_running(study))  # fmt: skip
+
+
+def collect_study(job: CollectJob) -> dict[str, Any]:
+    """After every worker of the study ended: check it holds its budget, write trials.csv and
+    best_params.json (the record, returned), tag the best trial's run, and end the study's MLflow
+    run FINISHED with the best parameters."""
+    import optuna
+
+    storage = studies.open_storage(job.place)
+    try:
+        try:
+            study = optuna.load_study(study_name=job.name, storage=storage)
+        except KeyError:
+            raise AllfuseError(f"no study {job.name} in {job.place.label}: run its tune_backbone workers first") from None
+        settings_hash = str(study.user_attrs.get(studies.HASH_ATTR, ""))
+        inputs = {f"worker{i}": path for i, path in enumerate(job.workers)} | {"split": job.split}
+        with stage_run(job.context, "study", f"study-{job.name}", dataset=job.dataset,
+                       synthetic=SplitFacts.read(job.split).synthetic, inputs=inputs, outputs=[job.out_trials],
+                       record=job.out_best, tags=_study_tags(job, settings_hash), where=False,
+                       resume=study.user_attrs.get(studies.PARENT_ATTR)) as stage:  # fmt: skip
+            _finish(job, study, settings_hash, stage)
+    finally:
+        studies.close_storage(storage)
     return read_json(job.out_best)
 
 
 def _study_params(job: TuneJob) -> dict[str, Any]:
     return {
         "objective": job.tune.objective, "direction": job.tune.direction, "sampler": "TPESampler",
+        **{f"sampler.{k}": v for k, v in _sampler_record(job.tune).items() if k != "name"},
         "pruner": "MedianPruner", **{f"tune.{k}": v for k, v in job.tune.identity().items() if k != "search_space"},
         **{f"search_space.{s.name}": s.as_dict() for s in job.tune.search_space},
         **{f"hybrid.{k}": v for k, v in job.base.items()},
@@ -230,18 +375,21 @@ def _close_orphans(job: TuneJob, study: optuna.Study, numbers: Sequence[int]) ->
             run.set_status("KILLED")
 
 
-def _finish(job: TuneJob, study: optuna.Study, settings_hash: str, stage: StageRun) -> dict[str, Any]:
-    """Check the budget was met, write trials.csv, tag the best trial; the best_params record."""
+def _finish(job: CollectJob, study: optuna.Study, settings_hash: str, stage: StageRun) -> dict[str, Any]:
+    """Check the budget was met, write trials.csv, tag the best trial; the best_params record
+    (with the sampler's settings and the seeds each worker used)."""
     import optuna
 
     finished = studies.count_finished(study)
     if finished < job.tune.n_trials:
         failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
         raise AllfuseError(f"study {job.name}: only {finished} of {job.tune.n_trials} trials finished, {failed} "
-                           f"failed; see the log and {job.db_path}; rerun to resume")  # fmt: skip
+                           f"failed; see the workers' logs and {job.place.label}; rerun to resume")  # fmt: skip
     rows = studies.trials_table(study)
     write_csv(job.out_trials, rows, studies.trials_columns(rows))
-    record = studies.best_record(study, job.tune.objective, job.tune.direction, settings_hash, job.db_path)
+    record = studies.best_record(study, job.tune.objective, job.tune.direction, settings_hash, job.place)
+    record |= {"workers": job.tune.workers, "sampler": study.user_attrs.get(studies.SAMPLER_ATTR),
+               "sampler_seeds": studies.sampler_seeds(study)}  # fmt: skip
     best_run = _tag_best(job, study)
     stage.run.set_tags({f"{T.BEST}{k}": v for k, v in record["params"].items()}
                        | {T.BEST_TRIAL: record["trial"], T.BEST_RUN_ID: best_run or ""})  # fmt: skip
@@ -255,7 +403,7 @@ def _finish(job: TuneJob, study: optuna.Study, settings_hash: str, stage: StageR
     return stage.record
 
 
-def _tag_best(job: TuneJob, study: optuna.Study) -> str | None:
+def _tag_best(job: CollectJob, study: optuna.Study) -> str | None:
     """Tag the best trial's run best_trial=true (and a former best's false); its run id."""
     store = job.context.store
     best_run = study.best_trial.user_attrs.get(studies.RUN_ATTR)
@@ -283,18 +431,32 @@ def _log_best_params(stage: StageRun, params: Mapping[str, Any]) -> None:
 class _Objective:
     """Optuna objective: one trial = one model trained on train, scored on val, logged to MLflow."""
 
-    def __init__(self, job: TuneJob, data: TrainingData, trainer: Trainer, stage: StageRun) -> None:
+    def __init__(self, job: TuneJob, data: TrainingData, trainer: Trainer, stage: StageRun,
+                 budget: studies.BudgetLock, seed: int, facts: Mapping[str, Any]) -> None:  # fmt: skip
         self.job, self.data, self.trainer, self.stage = job, data, trainer, stage
+        self.budget, self.seed, self.facts = budget, seed, dict(facts)
         self.objective = job.tune.objective
+        self.ran: list[int] = []
+        self.failed = 0
+
+    def ended(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna callback after each of this worker's trials: count it, and its failure."""
+        self.ran.append(trial.number)
+        self.failed += trial.state.name == "FAIL"
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Retried trials inherit their predecessor's user attributes: overwrite them first.
         trial.set_user_attr(studies.OWNER_ATTR, studies.owner())
+        trial.set_user_attr(studies.WORKER_ATTR, self.job.worker)
+        trial.set_user_attr(studies.SEED_ATTR, self.seed)
         params = suggest(trial, self.job.tune.search_space)
+        # The trial is marked as this worker's and its parameters are stored (the constant liar
+        # shows them to the other workers' samplers): the next trial may be reserved now.
+        self.budget.release()
         run = self.stage.child("trial", f"trial-{self.job.name}-{trial.number}",
                                {T.BACKBONE: self.job.backbone, T.FOLD: self.job.fold, T.STUDY: self.job.name,
-                                T.TRIAL: trial.number})  # fmt: skip
-        run.log_params({**params, "trial": trial.number})
+                                T.TRIAL: trial.number, T.WORKER: self.job.worker, **self.facts})  # fmt: skip
+        run.log_params({**params, "trial": trial.number, "sampler_seed": self.seed})
         trial.set_user_attr(studies.RUN_ATTR, run.run_id)
         start, epochs_seen, state, status = time.perf_counter(), [0], "FAIL", "FAILED"
         try:

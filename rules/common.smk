@@ -1,10 +1,18 @@
 # Helpers shared by the rules: the output trees, input functions and the settings slices that
 # rules receive through params. No rules here.
 
+import os
 from pathlib import Path
 
 from allfuse import settings as afs
 from allfuse.gpu import gpu_claim, thread_share
+from allfuse.resources import (
+    job_memory_mb,
+    job_runtime_min,
+    package_memory_mb,
+    package_runtime_min,
+    shape_of,
+)
 
 # Three parallel output trees: results, one log per job, one Snakemake benchmark file per job.
 RESULTS = "results"
@@ -25,7 +33,8 @@ SEEDS = list(S.seeds)
 # wildcard of every model's path, so all folds run in one invocation.
 FOLDS = list(S.folds)
 # GPU jobs claim one unit of `--resources gpu=N` on a host with a GPU, none on a CPU-only host
-# (there they run side by side, paced by --cores and mem_mb); ALLFUSE_GPU_JOBS=1/0 overrides.
+# (there they run side by side, paced by --cores and mem_mb). On a cluster the profile asks the
+# scheduler for each GPU rule's card (profiles/slurm: `set-resources`, `gres: gpu:1`).
 GPU = gpu_claim()
 
 
@@ -35,6 +44,7 @@ wildcard_constraints:
     backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
     fold=r"\d+",
+    worker=r"\d+",
 
 
 def _check_sources():
@@ -68,6 +78,34 @@ def _check_sources():
 _check_sources()
 # The labelled sets' names as a wildcard constraint (never matching when there are none).
 LABELLED = "|".join(S.labelled) or "(?!)"
+
+
+def _check_tracking_uri():
+    """At every start (dry runs too): a tracking URI, from the config or MLFLOW_TRACKING_URI,
+    carries no password (it is written to store.json, run records and logs)."""
+    from allfuse.errors import AllfuseError
+    from allfuse.tracking import resolve_uri
+
+    try:
+        resolve_uri(S.tracking["uri"], MLFLOW_DIR)
+    except AllfuseError as exc:
+        raise WorkflowError(str(exc))
+
+
+_check_tracking_uri()
+
+
+def check_tracking_server():
+    """Stop the workflow with one line naming the URI when the tracking server cannot be reached
+    or refuses the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    from allfuse.errors import AllfuseError
+    from allfuse.tracking import check_server, resolve_uri
+
+    try:
+        check_server(resolve_uri(S.tracking["uri"], MLFLOW_DIR))
+    except AllfuseError as exc:
+        raise WorkflowError(str(exc))
 
 
 def archive_input(wildcards):
@@ -200,6 +238,17 @@ def tuning_data(wildcards):
     return training_data(wildcards, subsets=("train", "val"))
 
 
+def worker_of(wildcards):
+    return int(wildcards.worker)
+
+
+def study_workers(wildcards):
+    """The records of a study's tune.workers tuning jobs, which collect_study waits for."""
+    w = wildcards
+    folder = f"{RESULTS}/tune/{w.dataset}/fold{w.fold}/{w.backbone}"
+    return [f"{folder}/worker{i}.json" for i in range(S.study(w.backbone).workers)]
+
+
 def best_params_input(wildcards):
     if S.study(wildcards.backbone).n_trials > 0:
         return [
@@ -224,3 +273,67 @@ def tf_threads(wildcards, threads):
     except WorkflowError:  # no --cores given (e.g. only --jobs)
         cores = None
     return thread_share(threads, cores)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Keras jobs ask a scheduler for: memory and wall time from their settings and input
+# sizes (allfuse.resources); resources, not params, so they never trigger a rerun.
+# ---------------------------------------------------------------------------------------------
+
+KERAS_RULES = {
+    "features": "extract_features",
+    "study": "tune_backbone",
+    "member": "train_member",
+}
+
+
+def with_gpu(rule):
+    """Whether a GPU rule's jobs run with a GPU: a unit of the local `gpu` resource, or a
+    card the profile asks the cluster for (`set-resources: <rule>: {gres: gpu:1}`)."""
+    given = workflow.resource_settings.overwrite_resources.get(rule, {})
+    asked = {name: getattr(value, "raw", value) for name, value in given.items()}
+    return "gpu" in str(asked.get("gres") or "") or int(asked.get("gpu", GPU) or 0) > 0
+
+
+def _job_shape(kind, wildcards, input):
+    study = S.study(wildcards.backbone)
+    return shape_of(
+        kind,
+        S.hybrid(wildcards.backbone),
+        dict(input.items()),
+        image_size=int(S.data["image_size"]),
+        study=study if study.n_trials > 0 else None,
+        gpu=with_gpu(KERAS_RULES[kind]),
+    )
+
+
+def memory_of(kind):
+    """Resource `mem_mb` of a Keras rule (allfuse.resources.job_memory_mb)."""
+    return lambda wildcards, input, attempt: job_memory_mb(
+        _job_shape(kind, wildcards, input), attempt
+    )
+
+
+def package_memory(wildcards, input, attempt):
+    """Resource `mem_mb` of package_model (allfuse.resources.package_memory_mb)."""
+    hybrids = [S.hybrid(b) for b in BACKBONES]
+    data_mb = (
+        os.path.getsize(input.images) / 1e6 if os.path.isfile(input.images) else 0.0
+    )
+    return package_memory_mb(hybrids, len(SEEDS), data_mb, attempt)
+
+
+def package_runtime(wildcards, input, attempt):
+    """Resource `runtime` of package_model (allfuse.resources.package_runtime_min)."""
+    side = int(S.data["image_size"])
+    size = os.path.getsize(input.images) if os.path.isfile(input.images) else 0
+    return package_runtime_min(
+        [S.hybrid(b) for b in BACKBONES], size // (side * side * 3), attempt
+    )
+
+
+def runtime_of(kind):
+    """Resource `runtime` (minutes) of a Keras rule (allfuse.resources.job_runtime_min)."""
+    return lambda wildcards, input, attempt: job_runtime_min(
+        _job_shape(kind, wildcards, input), attempt
+    )

@@ -20,8 +20,8 @@ rule extract_features:
     threads: 4
     resources:
         gpu=GPU,
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=memory_of("features"),
+        runtime=runtime_of("features"),
         tf_threads=tf_threads,
     params:
         features=features_of,

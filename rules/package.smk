@@ -10,7 +10,12 @@ rule package_model:
     input:
         fusion=f"{RESULTS}/fusion/{{dataset}}/fold{S.package.fold}/run.json",
         fusion_predictions=f"{RESULTS}/fusion/{{dataset}}/fold{S.package.fold}/predictions.csv",
-        weights=f"{RESULTS}/fusion/{{dataset}}/fold{S.package.fold}/weights.json",
+        # Read only by the rules fitted on validation: weighted_sum's weights, the stacked model.
+        weights=lambda w: (
+            [f"{fusion_dir(w.dataset, S.package.fold)}/weights.json"]
+            if S.package.fusion_rule in ("weighted_sum", "stacked")
+            else []
+        ),
         ensemble_runs=lambda w: [
             f"{ensemble_dir(w.dataset, S.package.fold, b)}/run.json" for b in BACKBONES
         ],
@@ -35,8 +40,8 @@ rule package_model:
     threads: 4
     resources:
         gpu=GPU,
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=package_memory,
+        runtime=package_runtime,
         tf_threads=tf_threads,
     params:
         package=S.package.as_params(),

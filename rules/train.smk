@@ -24,8 +24,8 @@ rule train_member:
     threads: 4
     resources:
         gpu=GPU,
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=memory_of("member"),
+        runtime=runtime_of("member"),
         tf_threads=tf_threads,
     params:
         settings=hybrid_of,

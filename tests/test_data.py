@@ -555,8 +555,12 @@ def test_read_manifest_refuses_bad_files(tmp_path, idb1_src):
     manifest = tmp_path / "d" / "manifest.csv"
     text = manifest.read_text().splitlines()
 
-    with pytest.raises(DataError, match="manifest not found"):
-        read_manifest(tmp_path / "nothing.csv")
+    with pytest.raises(DataError, match="not found; it is written by rule ingest_archive"):
+        read_manifest(tmp_path / "ALL_IDB1" / "manifest.csv")
+    with pytest.raises(DataError, match="not found; it is written by rule combine_datasets"):
+        read_manifest(tmp_path / "combined" / "manifest.csv")
+    with pytest.raises(DataError, match="not found; it is written by rule ingest_labelled"):
+        read_manifest(tmp_path / "cells" / "manifest.csv")  # a labelled set (data.labelled.cells)
     manifest.write_text("\n".join([text[0].replace("label,width", "width,label")] + text[1:]) + "\n")
     with pytest.raises(DataError, match="columns"):
         read_manifest(manifest)

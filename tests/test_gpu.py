@@ -13,6 +13,12 @@ import pytest
 from allfuse import gpu
 
 
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    """These tests run as if outside a Slurm job, wherever the suite runs."""
+    monkeypatch.delenv(gpu.SLURM_JOB, raising=False)
+
+
 @pytest.fixture
 def no_preset(monkeypatch):
     """No CUDA_VISIBLE_DEVICES at start; whatever acquire_gpu sets is undone after the test."""
@@ -31,6 +37,28 @@ def test_preset_visible_devices_are_respected_without_lock(tmp_path, monkeypatch
         slot = gpu.acquire_gpu(tmp_path, n_gpus=4)
         assert (slot.device, slot.index) == ("cpu", None)
         assert os.environ[gpu.ENV] == hidden
+
+
+def test_inside_a_slurm_job_the_allocated_gpu_is_used_without_a_lock_and_the_log_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(gpu.SLURM_JOB, "4242")
+    monkeypatch.setenv(gpu.ENV, "0")
+    with caplog.at_level("INFO", logger="allfuse.gpu"):
+        slot = gpu.acquire_gpu(tmp_path / "locks", n_gpus=4)
+    assert (slot.device, slot.index, slot.source) == ("gpu:0", 0, "slurm")
+    assert not (tmp_path / "locks").exists() and not slot.held
+    assert "Slurm job 4242: using the GPU(s) Slurm allocated, CUDA_VISIBLE_DEVICES=0" in caplog.text
+    assert "lock-file GPU allocation not used" in caplog.text
+
+
+def test_a_slurm_job_given_no_gpu_runs_on_the_cpu_with_the_nodes_cards_hidden(tmp_path, no_preset, monkeypatch, caplog):
+    monkeypatch.setenv(gpu.SLURM_JOB, "4243")
+    monkeypatch.setattr(gpu, "count_gpus", lambda: 2)  # the node has cards; Slurm gave this job none
+    with caplog.at_level("INFO", logger="allfuse.gpu"):
+        slot = gpu.acquire_gpu(tmp_path / "locks")
+    assert (slot.device, slot.source) == ("cpu", "slurm")
+    assert os.environ[gpu.ENV] == ""
+    assert not (tmp_path / "locks").exists()
+    assert "Slurm job 4243 was allocated no GPU: running on the CPU" in caplog.text
 
 
 def test_no_gpu_means_cpu_and_environment_untouched(tmp_path, no_preset, monkeypatch):

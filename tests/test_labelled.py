@@ -16,7 +16,7 @@ from PIL import Image
 from allfuse import cli
 from allfuse.config import validate_config
 from allfuse.data import MANIFEST_COLUMNS, load_images, read_manifest, write_dataset
-from allfuse.errors import ConfigError, DataError
+from allfuse.errors import ConfigError, DataError, IntermediateError
 from allfuse.labelled import ingest_labelled, scan_labelled, source_fingerprint, write_labelled_dataset
 from allfuse.splits import fold_ids, make_split
 
@@ -100,6 +100,11 @@ def test_folder_and_csv_go_through_ingestion_and_the_split(tmp_path):
     # In memory, the same rows and cache.
     mem_rows, mem_cache = ingest_labelled(listing, "cells_csv", 16, BIG)
     assert mem_rows == csv_rows and np.array_equal(mem_cache, np.asarray(cache))
+    # A damaged cache of a labelled set is one line naming the rule that remakes it.
+    (out / "images.npy").write_bytes((out / "images.npy").read_bytes()[:300])
+    with pytest.raises(IntermediateError, match=r"cells/images.npy: file is truncated .*rule ingest_labelled") as err:
+        load_images(out / "images.npy")
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -258,11 +258,13 @@ def test_every_objective_has_a_direction_test():
     assert set(afs.OBJECTIVES) == {"val_loss", "val_accuracy", "val_auc"}
 
 
-def test_tune_identity_is_everything_but_the_budget():
+def test_tune_identity_is_everything_but_the_budget_and_how_the_study_runs():
     study = settings_of().study("mobilenetv2")
-    assert study.identity() == {k: v for k, v in study.as_params().items() if k != "n_trials"}
-    more = settings_of({"tune": {"n_trials": 9}}).study("mobilenetv2")
-    assert more.as_params() != study.as_params() and more.identity() == study.identity()
+    how = ("n_trials", "workers", "storage")
+    assert study.identity() == {k: v for k, v in study.as_params().items() if k not in how}
+    for change in ({"n_trials": 9}, {"workers": 3}, {"storage": "postgresql://tuner@db/optuna"}):
+        other = settings_of({"tune": change}).study("mobilenetv2")
+        assert other.as_params() != study.as_params() and other.identity() == study.identity(), change
     assert settings_of({"tune": {"seed": 9}}).study("mobilenetv2").identity() != study.identity()
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from allfuse import tags as T
 from allfuse import tracking
-from allfuse.errors import DataError
-from allfuse.files import read_json, sha256_file, sha256_json
-from allfuse.stages import SplitFacts, StageContext, StoreInfo, read_record, stage_run
+from allfuse.errors import DataError, IntermediateError
+from allfuse.files import read_json, read_record, read_table, sha256_file, sha256_json, write_csv
+from allfuse.stages import SplitFacts, StageContext, StoreInfo, stage_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,22 @@ def test_a_finished_stage_writes_its_record_last_with_the_run_identity(tmp_path,
     artifacts = [a.path for a in tracking.client(store.uri).list_artifacts(run.info.run_id, "config")]
     assert artifacts == [tracking.CONFIG_ARTIFACT]
     assert [m.step for m in tracking.client(store.uri).get_metric_history(run.info.run_id, "loss")] == [1]
+
+
+def test_a_shared_run_stays_running_for_the_job_that_ends_it(tmp_path, mlflow_store):
+    """finish=False (one of a study's workers): the record is written, the run stays RUNNING; the
+    job that resumes it later (the collecting step) ends it FINISHED."""
+    store = mlflow_store.experiment("stages-shared")
+    record = tmp_path / "worker0.json"
+    with stage_run(context(store), "member", "member-x", dataset="ALL_IDB2", inputs=inputs(tmp_path), record=record,
+                   tags=member_tags(), finish=False) as stage:  # fmt: skip
+        stage.record["worker"] = 0
+    assert read_json(record)["worker"] == 0
+    assert tracking.client(store.uri).get_run(stage.run.run_id).info.status == "RUNNING"
+    with stage_run(context(store), "member", "member-x", dataset="ALL_IDB2", inputs=inputs(tmp_path),
+                   tags=member_tags(), resume=stage.run.run_id) as again:  # fmt: skip
+        assert again.run.run_id == stage.run.run_id
+    assert tracking.client(store.uri).get_run(stage.run.run_id).info.status == "FINISHED"
 
 
 def test_a_failed_stage_ends_failed_and_leaves_no_output(tmp_path, mlflow_store):
@@ -113,6 +129,64 @@ def test_sigterm_ends_the_run_killed_and_removes_outputs(tmp_path, mlflow_store)
     assert proc.wait(timeout=60) != 0
     assert not out.exists() and not (tmp_path / "run.json").exists()
     assert tracking.client(store.uri).get_run(marker.read_text()).info.status == "KILLED"
+
+
+def test_a_job_whose_snakemake_died_stops_itself_as_if_cancelled(tmp_path, mlflow_store):
+    """kill -9 of Snakemake leaves its jobs to init: job_signals notices and interrupts the job."""
+    store = mlflow_store.experiment("stages-orphan")
+    out, marker = tmp_path / "out.txt", tmp_path / "started"
+    (tmp_path / "store.json").write_text(json.dumps(store.as_dict()))
+    job = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from allfuse.stages import StageContext, StoreInfo, job_signals, stage_run
+        ctx = StageContext("evaluate", {{}}, {{}}, StoreInfo.read({str(tmp_path / "store.json")!r}))
+        with job_signals(), stage_run(ctx, "evaluation", "evaluate", dataset="ALL_IDB2", inputs={{}},
+                                      outputs=[{str(out)!r}]) as stage:
+            Path({str(out)!r}).write_text("half")
+            Path({str(marker)!r}).write_text(stage.run.run_id)
+            time.sleep(120)
+        """)
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"print(subprocess.Popen([sys.executable, '-c', {job!r}]).pid, flush=True)\n"
+                               "time.sleep(300)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert tracking.pid_alive(child) and time.monotonic() < deadline
+        time.sleep(0.2)
+    parent.kill()  # the job's parent (Snakemake) dies at once
+    parent.wait()
+    while tracking.pid_alive(child):
+        assert time.monotonic() < deadline, "the orphaned job kept running"
+        time.sleep(0.1)
+    assert not out.exists()
+    assert tracking.client(store.uri).get_run(marker.read_text()).info.status == "KILLED"
+
+
+def test_intermediate_readers_say_one_line_naming_the_file_and_its_rule(tmp_path):
+    table = tmp_path / "predictions.csv"
+    write_csv(table, [{"a": 1, "b": 2}, {"a": 3, "b": 4}], ["a", "b"])
+    assert read_table(table, "train_member", ["a"]) == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
+    text = table.read_text()
+    cases = {
+        text[:-3]: "cut short (line 3 does not end)",
+        text.replace("3,4", "3"): "damaged rows: line 3: 1 cells, the header has 2",
+        text.replace("a,b", "x,b"): "missing column(s) a",
+        "": "empty",
+        "\x82\x00garbage": "unreadable (UnicodeDecodeError",
+    }
+    for content, problem in cases.items():
+        table.write_bytes(content.encode("latin-1"))
+        with pytest.raises(IntermediateError) as err:
+            read_table(table, "train_member", ["a"])
+        message = str(err.value)
+        assert message.startswith(f"{table}: {problem}") and "\n" not in message, message
+        assert message.endswith(f"delete it and rerun rule train_member (`snakemake --forcerun {table}` does both)")
+    with pytest.raises(IntermediateError, match="not found; it is written by rule train_member"):
+        read_table(tmp_path / "absent.csv", "train_member")
+    many = IntermediateError("x.csv", "evaluate", "invalid metrics table", ["line 2: bad", "line 3: bad"])
+    assert str(many).startswith("x.csv: invalid metrics table: line 2: bad (and 1 more); ") and many.problems[1]
 
 
 def test_without_a_store_a_stage_still_records_and_cleans_up(tmp_path):
@@ -173,6 +247,17 @@ def test_check_tags_names_missing_and_unlisted_tags():
     stray = ok | {"allfuse.evaluation_sha256": "x", "mlflow.user": "me"}  # MLflow's own tags are not ours
     assert T.check_tags(stray) == ["allfuse.evaluation_sha256 is not in the tag schema of level member"]
     assert T.check_tags({T.LEVEL: "nonsense"})[0].startswith(f"{T.LEVEL} is 'nonsense'")
+
+
+def test_a_run_under_slurm_records_its_job_id_which_never_changes_the_run_id(monkeypatch):
+    context = StageContext("train_member", {"dataset": "ALL_IDB2", "seed": 1})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside = context.tags("member", "ALL_IDB2", True, {})
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    inside = context.tags("member", "ALL_IDB2", True, {})
+    assert T.SLURM_JOB not in outside and inside[T.SLURM_JOB] == "1234"
+    assert not [p for p in T.check_tags(inside) if T.SLURM_JOB in p]  # an optional tag of every level
+    assert tracking.run_id_seed("1", "member", outside, 0) == tracking.run_id_seed("1", "member", inside, 0)
 
 
 def test_the_architecture_document_shows_the_tag_schema():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -63,29 +66,48 @@ def test_runs_nest_log_and_end_with_each_status(store):
     assert c.get_run(parent.run_id).info.status == "RUNNING"
 
 
-def test_dead_run_of_same_job_is_marked_killed_and_a_kept_one_is_not(store):
-    # A run whose owner process is gone (as after SIGKILL) is reaped when the same job starts again.
-    job = {T.JOB: "train_member/ALL_IDB2/mobilenetv2/1"}
+def test_dead_runs_of_any_job_are_marked_killed_but_kept_awaiting_foreign_and_live_ones(store):
+    # Runs whose owner process is gone (as after SIGKILL, or a job killed with Snakemake) are
+    # reaped when any stage starts, whichever job they belong to.
     code = textwrap.dedent(
         f"""
         import os, socket
         from allfuse import tracking
-        for name in ("doomed", "kept"):
+        mine = {{"allfuse.host": socket.gethostname(), "allfuse.pid": str(os.getpid())}}
+        tags = {{"doomed": mine, "kept": mine, "awaiting": {{**mine, "allfuse.awaits": "aggregate_ensemble"}},
+                 "foreign": {{**mine, "allfuse.host": "another-host"}}, "untagged": {{}}}}
+        for name, t in tags.items():
             run = tracking.create_run({store.uri!r}, {store.experiment_id!r}, name,
-                                      {{**{job!r}, "allfuse.host": socket.gethostname(), "allfuse.pid": str(os.getpid())}})
-            print(run.run_id)
+                                      {{**t, "allfuse.job": "train_member/ALL_IDB2/0/mobilenetv2/" + name}})
+            print(name, run.run_id)
         os._exit(0)  # dies without ending the runs, like a SIGKILLed job
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    dead_id, kept_id = out.stdout.strip().splitlines()[-2:]
+    ids = dict(line.split() for line in out.stdout.strip().splitlines()[-5:])
+    live = tracking.create_run(store.uri, store.experiment_id, "live",
+                               {T.HOST: socket.gethostname(), T.PID: str(os.getpid())})  # fmt: skip
     c = tracking.client(store.uri)
-    assert c.get_run(dead_id).info.status == "RUNNING"
-    other_job = tracking.reap_dead_runs(store.uri, store.experiment_id, "train_member/ALL_IDB2/mobilenetv2/2")
-    assert other_job == []
-    assert tracking.reap_dead_runs(store.uri, store.experiment_id, job[T.JOB], keep=kept_id) == [dead_id]
-    assert c.get_run(dead_id).info.status == "KILLED"
-    assert c.get_run(kept_id).info.status == "RUNNING"
+    assert {c.get_run(i).info.status for i in ids.values()} == {"RUNNING"}
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id, keep=ids["kept"]) == [ids["doomed"]]
+    status = {name: c.get_run(i).info.status for name, i in ids.items()} | {"live": c.get_run(live.run_id).info.status}
+    assert status == {"doomed": "KILLED", "kept": "RUNNING", "awaiting": "RUNNING", "foreign": "RUNNING",
+                      "untagged": "RUNNING", "live": "RUNNING"}  # fmt: skip
+    # A new run of the awaiting one's name (init_tracking ran again) replaces it: nothing will resume it.
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id, keep=ids["kept"], superseded="awaiting") == [
+        ids["awaiting"]
+    ]
+
+
+def test_pid_alive_says_no_for_a_zombie():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not tracking.pid_alive(proc.pid)  # exited, not yet waited for
+    proc.wait()
+    assert not tracking.pid_alive(proc.pid) and tracking.pid_alive(os.getpid())
 
 
 def test_retry_retries_only_transient_errors():
@@ -184,3 +206,93 @@ def test_deriving_a_run_id_leaves_uuid_alone_for_everyone_else(store):
     tracking.create_run(store.uri, store.experiment_id, "member-y", {})
     assert uuid.uuid4 is before and sqlalchemy_store.uuid is uuid  # nothing stays replaced
     assert uuid.uuid4() != uuid.uuid4()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_uris_never_carry_a_password(monkeypatch, tmp_path):
+    from allfuse.errors import TrackingError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.check_uri("http://tracking:5000") == "http://tracking:5000"
+    assert tracking.check_uri("postgresql+psycopg2://mlflow@db:5432/mlflow").endswith("@db:5432/mlflow")
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_PASSWORD") as refused:
+        tracking.resolve_uri("http://alice:s3cret-pw@tracking:5000", tmp_path)
+    assert "s3cret-pw" not in str(refused.value) and "http://tracking:5000" in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3cret-pw@db/mlflow")
+    with pytest.raises(TrackingError, match="PGPASSWORD") as refused:
+        tracking.resolve_uri(None, tmp_path)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+def test_an_unreachable_server_is_retried_for_retry_seconds_then_fails_fast(monkeypatch):
+    from allfuse.errors import TrackingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    c = tracking.client(uri)
+    try:
+        tracking.set_retry_seconds(1.5)
+        start = time.perf_counter()
+        with pytest.raises(TrackingError, match=rf"unreachable for \d+ s \(tracking.retry_seconds: 1.5\): {uri}"):
+            tracking.retry(c.get_experiment_by_name, "x")
+        assert 1.5 <= time.perf_counter() - start < 10
+        start = time.perf_counter()  # the outage has lasted its time: the next call (closing a run) fails at once
+        with pytest.raises(TrackingError):
+            tracking.retry(c.get_experiment_by_name, "x")
+        assert time.perf_counter() - start < 1
+        # A server that answers again within the window: the call succeeds, and the clock resets.
+        refused = None
+        try:
+            c.get_experiment_by_name("x")
+        except Exception as exc:
+            refused = exc
+        assert refused is not None and tracking.is_unreachable(refused)
+        calls = {"n": 0}
+
+        def back_after_two_tries():
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise refused
+            return "answered"
+
+        tracking.set_retry_seconds(60)
+        assert tracking.retry(back_after_two_tries) == "answered" and calls["n"] == 3
+    finally:
+        tracking.set_retry_seconds(None)
+    assert not tracking.is_unreachable(RuntimeError("(sqlite3.OperationalError) database is locked"))
+
+
+def test_the_start_up_check_names_an_unreachable_server_and_leaves_databases_alone():
+    from allfuse.errors import TrackingError
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    with pytest.raises(TrackingError, match=rf"^MLflow tracking server {uri} is unreachable \(.*Connection refused\)"):
+        tracking.check_server(uri)
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before  # MLflow's settings put back
+    tracking.check_server("sqlite:////nonexistent/folder/mlflow.db")  # no server, nothing to check
+
+
+def test_a_stop_during_a_store_call_is_raised_once_the_call_completes():
+    """An interrupt inside a sqlite write would leave the process's own abandoned connection
+    holding the database lock; the stop waits for the call, then unwinds the job."""
+    done = []
+
+    def store_call() -> int:
+        tracking.interrupt(15)  # the signal handler runs while the call is under way
+        done.append("the write completed")
+        return 1
+
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        tracking.retry(store_call)
+    assert done == ["the write completed"]
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):  # outside a store call: at once
+        tracking.interrupt(2)
+    assert tracking.retry(lambda: "next call") == "next call"  # nothing left pending

@@ -108,8 +108,12 @@ def test_save_and_load_features_round_trip(tmp_path):
         load_features(tmp_path / "missing.npz")
     cut = tmp_path / "cut.npz"
     cut.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=r"feature file .*cut.npz is unreadable .*rerun the extract_features rule"):
+    with pytest.raises(DataError, match=r"cut.npz: unreadable \(BadZipFile.*rerun rule extract_features"):
         load_features(cut)
+    packed = tmp_path / "packed.npz"  # x is read in place: a compressed member is refused, in one line
+    np.savez_compressed(packed, **arrays)
+    with pytest.raises(DataError, match=r"packed.npz: x.npy: the array is compressed.*rerun rule extract_features"):
+        load_features(packed)
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
-"""Optuna studies: pruning, resume after kill -9, staleness, the test split never read, and trial
-runs nested under the study run in MLflow. (Search-space parsing: tests/test_config.py and
-tests/test_settings.py.)
+"""Optuna studies: pruning, resume after kill -9, staleness, the test split never read, trial runs
+nested under the study run in MLflow, the pinned sampler, and studies shared by several worker
+processes (exactly the budget, both workers' trials marked, a killed worker). (Search-space
+parsing: tests/test_config.py and tests/test_settings.py.)
 
 Most tests drive the study with a stand-in trainer whose validation loss is a fixed function of
-the learning rate, so pruning and resumption are deterministic and fast; the slow test trains real
-Keras heads on tiny synthetic feature maps.
+the learning rate, so pruning and resumption are deterministic and fast; worker processes are real
+processes on tiny feature files; the slow test trains real Keras heads on tiny synthetic feature
+maps.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,7 +44,7 @@ SPACE = {
 }
 TUNE = {
     "n_trials": 4, "seed": 0, "objective": "val_loss", "epochs": 3, "tpe_startup_trials": 2, "n_startup_trials": 1,
-    "n_warmup_steps": 0, "search_space": SPACE,
+    "n_warmup_steps": 0, "search_space": SPACE, "workers": 1, "storage": None,
 }  # fmt: skip
 HERE = Path(__file__).resolve().parent
 
@@ -82,24 +85,42 @@ def write_features(folder: Path, write_split, n_train: int = 40, n_val: int = 20
 
 @pytest.fixture
 def make_job(tmp_path, write_split):
-    """``make_job(tmp, store=None, **changes)``: a head-mode study job on tiny features in ``tmp``;
-    ``changes`` override TuneJob fields, ``tune=`` a dict of tune settings."""
+    """``make_job(tmp, store=None, **changes)``: worker 0 of a head-mode study on tiny features in
+    ``tmp``; ``changes`` override TuneJob fields, ``tune=`` a dict of tune settings."""
 
     def make(tmp: Path, store=None, **changes) -> tuning.TuneJob:
         if "data" not in changes:
             data, split = write_features(tmp / "features", write_split)
             changes = {"data": data, "split": split, **changes}
         tune = tune_settings(**changes.pop("tune", {}))
+        worker = changes.get("worker", 0)
+        wildcards = {"dataset": "ALL_IDB2", "fold": 0, "backbone": "mobilenetv2", "worker": worker}
         fields = {
             "dataset": "ALL_IDB2", "backbone": "mobilenetv2", "base": study_base(tune), "tune": tune,
-            "out_best": str(tmp / "tune" / "best_params.json"), "out_trials": str(tmp / "tune" / "trials.csv"),
-            "runtime": Runtime(tmp / "locks", None, False),
-            "context": StageContext("tune_backbone", {"dataset": "ALL_IDB2", "backbone": "mobilenetv2"}, {"tune": TUNE},
-                                    store, HERE.parent),
+            "out_record": str(tmp / "tune" / f"worker{worker}.json"), "runtime": Runtime(tmp / "locks", None, False),
+            "context": StageContext("tune_backbone", wildcards, {"tune": TUNE}, store, HERE.parent),
         }  # fmt: skip
         return tuning.TuneJob(**(fields | changes))
 
     return make
+
+
+def collect_job(job: tuning.TuneJob) -> tuning.CollectJob:
+    """The collecting step of ``job``'s study, waiting for its ``tune.workers`` workers."""
+    folder = Path(job.out_record).parent
+    wildcards = {k: v for k, v in job.context.wildcards.items() if k != "worker"}
+    return tuning.CollectJob(
+        dataset=job.dataset, backbone=job.backbone, tune=job.tune, split=job.split,
+        workers=[str(folder / f"worker{i}.json") for i in range(job.tune.workers)],
+        out_best=str(folder / "best_params.json"), out_trials=str(folder / "trials.csv"),
+        context=replace(job.context, rule="collect_study", wildcards=wildcards), fold=job.fold,
+    )  # fmt: skip
+
+
+def run_study(job: tuning.TuneJob, trainer=None) -> dict:
+    """What the workflow runs for a one-worker study: the worker, then the collecting step."""
+    tuning.tune(job, **({"trainer": trainer} if trainer is not None else {}))
+    return tuning.collect_study(collect_job(job))
 
 
 @pytest.fixture(autouse=True)
@@ -116,21 +137,41 @@ class FakeTrainer:
     """Reports val_loss = loss_of(lr) / epoch per epoch through the hook, like allfuse.training.
 
     ``hang_on_call``: on that call (1-based) it touches ``marker`` and sleeps in its first epoch,
-    waiting to be killed.
+    waiting to be killed. ``epoch_seconds``: each epoch takes that long. ``barrier`` (a folder,
+    with ``parties``): the first ``lockstep`` calls wait there until that many trainers have started
+    as many trials (the first call up to 120 s, later ones 5 s: a worker may have stopped), so
+    worker processes run their trials side by side.
     """
 
-    def __init__(self, hang_on_call: int | None = None, marker: str | None = None) -> None:
+    def __init__(self, hang_on_call: int | None = None, marker: str | None = None, epoch_seconds: float = 0.0,
+                 barrier: str | None = None, parties: int = 2, lockstep: int = 1) -> None:  # fmt: skip
         self.calls: list[dict] = []
         self.hang_on_call = hang_on_call
         self.marker = marker
+        self.epoch_seconds = epoch_seconds
+        self.barrier, self.parties, self.lockstep = barrier, parties, lockstep
+
+    def _wait_at_barrier(self, call: int) -> None:
+        folder = Path(self.barrier) / f"call{call}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + (120 if call == 1 else 5)
+        while len(list(folder.iterdir())) < self.parties:
+            assert call > 1 or time.monotonic() < deadline, "the other workers never started a trial"
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
 
     def __call__(self, data, settings, seed, *, epochs, on_epoch_end):
         self.calls.append({"data": data, "settings": settings, "seed": seed, "epochs": epochs})
+        if self.barrier and len(self.calls) <= self.lockstep:
+            self._wait_at_barrier(len(self.calls))
         history = []
         for epoch in range(1, epochs + 1):
             if len(self.calls) == self.hang_on_call:
                 Path(self.marker).touch()
                 time.sleep(600)
+            time.sleep(self.epoch_seconds)
             logs = {"loss": 0.5, "val_loss": loss_of(settings.learning_rate) / epoch, "val_accuracy": 0.5,
                     "val_auc": 0.5}  # fmt: skip
             history.append({"epoch": epoch, **logs})
@@ -138,11 +179,16 @@ class FakeTrainer:
         return SimpleNamespace(history=history, best_epoch=epochs, model=None)
 
 
-def study_trials(db: Path, name: str = "ALL_IDB2-fold0-mobilenetv2"):
+def study_trials(where, name: str = "ALL_IDB2-fold0-mobilenetv2"):
+    """{number: FrozenTrial} of a TuneJob's study, or of the study in a journal file (e.g. one set aside)."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    return {t.number: t for t in study.get_trials()}
+    if isinstance(where, tuning.TuneJob):
+        storage = studies.open_storage(where.place)
+    else:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(where)))
+    return {t.number: t for t in optuna.load_study(study_name=name, storage=storage).get_trials()}
 
 
 def test_suggest_stays_in_range_with_the_right_types():
@@ -191,13 +237,14 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path, make_job):
     # loss than trial 0 at every epoch and must be pruned at its first epoch.
     job = make_job(tmp_path, enqueue=[{"learning_rate": 10**-2.5, "gru_units": 8}, {"learning_rate": 1e-5, "gru_units": 4}])
     trainer = FakeTrainer()
-    record = tuning.tune(job, trainer=trainer)
+    record = run_study(job, trainer)
 
-    trials = study_trials(tmp_path / "tune" / "study.db")
+    trials = study_trials(job)
     assert len(trials) == 4
     assert trials[0].state.name == "COMPLETE"
     assert trials[1].state.name == "PRUNED" and list(trials[1].intermediate_values) == [1]
-    best = read_json(job.out_best)
+    out = collect_job(job)
+    best = read_json(out.out_best)
     assert best == record
     assert best["params"] == {"learning_rate": 10**-2.5, "gru_units": 8}
     assert best["trial"] == 0 and best["objective"] == "val_loss" and best["study"] == "ALL_IDB2-fold0-mobilenetv2"
@@ -206,9 +253,9 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path, make_job):
     assert best["n_complete"] + best["n_pruned"] == 4
     assert set(best["params"]) <= set(TUNABLE)
     member = HybridSettings.from_params({**BASE, "epochs": 40})
-    assert resolve_hyperparameters(member, job.out_best).learning_rate == 10**-2.5
+    assert resolve_hyperparameters(member, out.out_best).learning_rate == 10**-2.5
 
-    rows = read_csv(job.out_trials)
+    rows = read_csv(out.out_trials)
     assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["state"] for r in rows][:2] == ["COMPLETE", "PRUNED"]
     assert set(rows[0]) >= {"state", "value", "duration_s", "params_learning_rate", "params_gru_units"}
@@ -222,38 +269,59 @@ def test_study_prunes_a_bad_trial_and_writes_outputs(tmp_path, make_job):
 
 def test_rerun_tops_up_to_the_budget(tmp_path, make_job):
     job = make_job(tmp_path, tune={"n_trials": 2})
-    tuning.tune(job, trainer=FakeTrainer())
+    run_study(job, FakeTrainer())
     again = FakeTrainer()
-    tuning.tune(job, trainer=again)
+    run_study(job, again)
     assert again.calls == []  # the budget is met: nothing to run
-    assert len(study_trials(tmp_path / "tune" / "study.db")) == 2
+    assert len(study_trials(job)) == 2
     more = FakeTrainer()
-    record = tuning.tune(make_job(tmp_path, data=job.data, split=job.split, tune={"n_trials": 3}), trainer=more)
-    assert len(more.calls) == 1 and len(study_trials(tmp_path / "tune" / "study.db")) == 3
+    record = run_study(make_job(tmp_path, data=job.data, split=job.split, tune={"n_trials": 3}), more)
+    assert len(more.calls) == 1 and len(study_trials(job)) == 3
     assert record["n_complete"] + record["n_pruned"] == 3
 
 
 def test_changed_search_space_starts_a_fresh_study_and_keeps_the_old_one(tmp_path, make_job):
     first = make_job(tmp_path, tune={"n_trials": 2})
-    tuning.tune(first, trainer=FakeTrainer())
-    db = tmp_path / "tune" / "study.db"
+    run_study(first, FakeTrainer())
     old_hash = read_json(tmp_path / "tune" / "best_params.json")["settings_hash"]
     new_space = {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
     job = make_job(tmp_path, data=first.data, split=first.split, tune={"n_trials": 2, "search_space": new_space})
-    record = tuning.tune(job, trainer=FakeTrainer())
-    backup = tmp_path / "tune" / f"study.{old_hash[:12]}.db.bak"
+    record = run_study(job, FakeTrainer())
+    backup = tmp_path / "tune" / f"study.{old_hash[:12]}.journal.bak"
     assert backup.exists()
     assert len(study_trials(backup)) == 2
-    fresh = study_trials(db)
+    fresh = study_trials(job)
     assert len(fresh) == 2 and all(set(t.params) == {"learning_rate"} for t in fresh.values())
     assert record["settings_hash"] != old_hash
 
 
-def test_a_locked_study_is_refused(tmp_path, make_job):
+def test_a_study_file_of_an_earlier_version_is_carried_over(tmp_path, make_job):
+    """A study.db (SQLite, one file per study, as earlier versions kept it) next to no journal: its
+    trials are carried into the journal and count; raising the budget runs only the difference."""
+    import optuna
+
+    job = make_job(tmp_path, tune={"n_trials": 2})
+    run_study(job, FakeTrainer())
+    legacy = tmp_path / "tune" / "study.db"
+    optuna.copy_study(from_study_name=job.name, from_storage=studies.open_storage(job.place),
+                      to_storage=f"sqlite:///{legacy}")  # fmt: skip
+    before = study_trials(job)
+    job.place.journal.unlink()
+    more = FakeTrainer()
+    record = run_study(make_job(tmp_path, data=job.data, split=job.split, tune={"n_trials": 3}), more)
+    assert len(more.calls) == 1 and record["n_complete"] + record["n_pruned"] == 3
+    after = study_trials(job)
+    assert [(t.params, t.value) for t in before.values()] == [(after[n].params, after[n].value) for n in before]
+    assert not legacy.exists() and (tmp_path / "tune" / "study.db.adopted.bak").exists()
+
+
+def test_a_worker_running_twice_is_refused(tmp_path, make_job):
     job = make_job(tmp_path)
-    with studies.study_lock(job.db_path):
-        with pytest.raises(AllfuseError, match="being tuned by another process"):
+    with studies.worker_lock(job.place, 0):
+        with pytest.raises(AllfuseError, match="worker 0 of study ALL_IDB2-fold0-mobilenetv2 is running in another"):
             tuning.tune(job, trainer=FakeTrainer())
+    with studies.worker_lock(job.place, 1):  # another worker of the same study may run
+        tuning.tune(job, trainer=FakeTrainer())
 
 
 def test_feature_files_must_match_the_split(tmp_path, make_job, write_split):
@@ -283,7 +351,7 @@ def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path, make_job, write
                    split=split, tune={"n_trials": 2, "search_space": space, "mode": "finetune"},
                    base=study_base(tune, mode="finetune"))  # fmt: skip
     trainer = FakeTrainer()
-    record = tuning.tune(job, trainer=trainer)
+    record = run_study(job, trainer)
     assert len(trainer.calls) == 2
     for call in trainer.calls:
         assert call["data"].index["train"].tolist() == list(range(8))
@@ -293,50 +361,71 @@ def test_finetune_mode_indexes_only_train_and_val_rows(tmp_path, make_job, write
     assert "unfreeze_layers" in record["params"]
 
 
-def test_resume_after_kill_minus_9_tops_up_and_fails_the_orphan(tmp_path, mlflow_store, make_job):
-    """A study process killed (SIGKILL) during its third trial; the rerun finishes the budget of 4."""
-    store = mlflow_store.experiment("resume")
-    job = make_job(tmp_path, store=store)
-    marker = tmp_path / "hanging"
-    (tmp_path / "job.pickle").write_bytes(pickle.dumps(job))
+def start_worker(job: tuning.TuneJob, folder: Path, **trainer: object) -> subprocess.Popen:
+    """``job`` in a process of its own (as the workflow runs each worker), with a FakeTrainer(**trainer)."""
+    pickled = folder / f"worker{job.worker}-{time.monotonic_ns()}.pickle"
+    pickled.write_bytes(pickle.dumps(job))
     script = f"""
 import pickle, sys
 sys.path.insert(0, {str(HERE)!r})
 from test_tuning import FakeTrainer
 from allfuse.tuning import tune
-tune(pickle.load(open({str(tmp_path / "job.pickle")!r}, "rb")), trainer=FakeTrainer(hang_on_call=3, marker={str(marker)!r}))
+tune(pickle.load(open({str(pickled)!r}, "rb")), trainer=FakeTrainer(**{trainer!r}))
 """
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"ALLFUSE_GPU_JOBS": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    return subprocess.Popen([sys.executable, "-c", script], env={**env, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def kill_when(proc: subprocess.Popen, marker: Path) -> None:
+    """SIGKILL ``proc`` once ``marker`` exists (its trainer hangs there); reap it."""
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
-            assert proc.poll() is None, "the study process ended before its third trial"
-            assert time.monotonic() < deadline, "the study process never reached its third trial"
-            time.sleep(0.2)
+            assert proc.poll() is None, "the worker ended before the trial it hangs in"
+            assert time.monotonic() < deadline, "the worker never reached the trial it hangs in"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    db = tmp_path / "tune" / "study.db"
-    before = study_trials(db)
+
+
+def wait_ok(*procs: subprocess.Popen) -> None:
+    try:
+        assert [proc.wait(timeout=300) for proc in procs] == [0] * len(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_resume_after_kill_minus_9_tops_up_and_fails_the_orphan(tmp_path, mlflow_store, make_job):
+    """A study process killed (SIGKILL) during its third trial; the rerun finishes the budget of 4."""
+    store = mlflow_store.experiment("resume")
+    job = make_job(tmp_path, store=store)
+    marker = tmp_path / "hanging"
+    proc = start_worker(job, tmp_path, hang_on_call=3, marker=str(marker))
+    kill_when(proc, marker)
+    before = study_trials(job)
     assert [t.state.name for t in before.values()].count("RUNNING") == 1
     assert before[2].user_attrs[studies.OWNER_ATTR]["pid"] == proc.pid
-    assert not Path(job.out_best).exists()
+    assert not Path(job.out_record).exists()
 
-    record = tuning.tune(job, trainer=FakeTrainer())
+    record = run_study(job, FakeTrainer())
 
-    after = study_trials(db)
+    after = study_trials(job)
     states = [t.state.name for t in after.values()]
     assert states.count("COMPLETE") + states.count("PRUNED") == 4  # topped up, not a second budget
     assert after[2].state.name == "FAIL"
     retried = [t for t in after.values() if t.system_attrs.get("failed_trial") == 2]
     assert len(retried) == 1 and retried[0].params == after[2].params
     assert record["n_complete"] + record["n_pruned"] == 4 and record["n_failed"] == 1
-    csv_rows = read_csv(job.out_trials)
+    csv_rows = read_csv(collect_job(job).out_trials)
     assert [r["state"] for r in csv_rows].count("FAIL") == 1
     assert any(r["retry_of"] == "2" for r in csv_rows)
+    # The resumed worker's sampler is seeded past the trials it found (3), not redrawing the first run's.
+    assert {r["sampler_seed"] for r in csv_rows} == {"0", "3"} and record["sampler_seeds"] == {"0": [0, 3]}
 
     # MLflow: one study run (created by the killed process, reused), the orphan's run KILLED.
     from allfuse.tags import check_tags
@@ -352,6 +441,161 @@ tune(pickle.load(open({str(tmp_path / "job.pickle")!r}, "rb")), trainer=FakeTrai
     assert orphan.info.status == "KILLED" and orphan.data.tags["allfuse.trial_state"] == "FAIL"
     assert all(check_tags(r.data.tags) == [] for r in runs)
     assert record["run_id"] == parents[0].info.run_id
+
+
+def test_database_storage_runs_the_study_and_sets_a_stale_one_aside(tmp_path, make_job):
+    """tune.storage: a database URL (here SQLite through SQLAlchemy, as PostgreSQL would be) holds the
+    study instead of the journal file; a changed search space copies the old study aside in it."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = make_job(tmp_path, tune={"n_trials": 2, "storage": url})
+    record = run_study(first, FakeTrainer())
+    assert record["storage"] == url and not (tmp_path / "tune" / studies.JOURNAL).exists()
+    new_space = {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
+    job = make_job(tmp_path, data=first.data, split=first.split, tune={"n_trials": 2, "storage": url,
+                                                                        "search_space": new_space})  # fmt: skip
+    fresh = run_study(job, FakeTrainer())
+    names = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url)}
+    assert names == {"ALL_IDB2-fold0-mobilenetv2": 2, f"ALL_IDB2-fold0-mobilenetv2.{record['settings_hash'][:12]}.bak": 2}
+    assert set(fresh["params"]) == {"learning_rate"}
+    assert studies.StudyPlace("s", tmp_path, "postgresql://tuner:secret@db/optuna").label == "postgresql://tuner:***@db/optuna"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler, pinned
+# ---------------------------------------------------------------------------------------------
+
+
+def test_one_worker_samples_as_a_plain_optuna_study_with_the_default_sampler(tmp_path, make_job):
+    """The pinned sampler settings are those Optuna 5.0's TPESampler defaults to, which every study
+    ran with before they were pinned: one worker on the journal storage draws exactly the trials a
+    plain in-memory study with ``TPESampler(seed, n_startup_trials)`` draws (same seed, same
+    parameters, same values). Would fail if a pinned setting or the seed of worker 0 changed."""
+    import optuna
+
+    space = {**SPACE, "dropout": {"low": 0.0, "high": 0.5}}
+    tune = {"n_trials": 10, "n_warmup_steps": 10, "search_space": space}  # nothing pruned: values are final
+    job = make_job(tmp_path, tune=tune)
+    record = run_study(job, FakeTrainer())
+    ours = [(t.params, t.value) for t in study_trials(job).values()]
+
+    def objective(trial):
+        params = tuning.suggest(trial, job.tune.search_space)
+        return loss_of(params["learning_rate"]) / job.tune.epochs
+
+    plain = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    plain.optimize(objective, n_trials=10)
+    assert ours == [(t.params, t.value) for t in plain.trials]
+    settings = tuning.sampler_settings(job.tune, 0)
+    assert record["sampler"] == {"name": "TPESampler", **settings, "optuna": optuna.__version__,
+                                 "worker_seed": record["sampler"]["worker_seed"]}  # fmt: skip
+    assert {k: v for k, v in settings.items() if k not in ("seed", "n_startup_trials")} == tuning.TPE_PINNED
+    assert record["sampler_seeds"] == {"0": [0]} and record["workers"] == 1
+
+
+def test_worker_seeds_never_collide():
+    tune = tune_settings(workers=3, seed=7)
+    seeds = {tuning.worker_seed(tune, worker, existing) for worker in range(3) for existing in range(6)}
+    assert len(seeds) == 18
+    assert [tuning.worker_seed(tune_settings(seed=7), 0, existing) for existing in (0, 3)] == [7, 10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several workers on one study: real processes on tiny feature files
+# ---------------------------------------------------------------------------------------------
+
+
+def two_workers(make_job, tmp_path, store=None, n_trials: int = 6):
+    first = make_job(tmp_path, store=store, tune={"n_trials": n_trials, "workers": 2})
+    second = make_job(tmp_path, store=store, data=first.data, split=first.split, worker=1,
+                      tune={"n_trials": n_trials, "workers": 2})  # fmt: skip
+    return first, second
+
+
+def assert_exact_budget(job: tuning.TuneJob, n_trials: int) -> dict:
+    """The study holds exactly ``n_trials`` finished trials, numbered without repeats, and no running one."""
+    trials = study_trials(job)
+    finished = [n for n, t in trials.items() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == len(set(finished)) == n_trials
+    assert [t.state.name for t in trials.values()].count("RUNNING") == 0
+    return trials
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_stop_at_exactly_the_budget(tmp_path, mlflow_store, make_job):
+    """Workers 0 and 1 run at once (each trial 0.6 s, both mid-trial from the first one on, so the
+    last trials overlap too): 6 finished trials in all, both workers ran some, each sampled with its
+    own seed, and their trial runs say which worker ran them."""
+    store = mlflow_store.experiment("two-workers")
+    first, second = two_workers(make_job, tmp_path, store)
+    trainer = {"epoch_seconds": 0.2, "barrier": str(tmp_path / "barrier")}
+    wait_ok(start_worker(first, tmp_path, **trainer), start_worker(second, tmp_path, **trainer))
+    record = tuning.collect_study(collect_job(first))
+
+    trials = assert_exact_budget(first, 6)
+    by_worker = {w: [n for n, t in trials.items() if t.user_attrs[studies.WORKER_ATTR] == w] for w in (0, 1)}
+    assert by_worker[0] and by_worker[1] and sorted(by_worker[0] + by_worker[1]) == sorted(trials)
+    # Each worker's sampler had its own seed: seed + worker + workers * trials found (0 or 1 here, by timing).
+    seeds = {w: {trials[n].user_attrs[studies.SEED_ATTR] for n in numbers} for w, numbers in by_worker.items()}
+    assert all(len(v) == 1 and next(iter(v)) % 2 == w for w, v in seeds.items()) and seeds[0] != seeds[1]
+    assert record["sampler_seeds"] == {str(w): sorted(v) for w, v in seeds.items()}
+    workers = [read_json(Path(first.out_record).with_name(f"worker{w}.json")) for w in (0, 1)]
+    assert sorted(workers[0]["trials"] + workers[1]["trials"]) == sorted(trials)
+    assert record["n_complete"] + record["n_pruned"] == 6 and record["workers"] == 2
+    rows = read_csv(collect_job(first).out_trials)
+    assert {r["worker"] for r in rows} == {"0", "1"}
+
+    from allfuse.tags import check_tags
+
+    runs = tracking.client(store.uri).search_runs([store.experiment_id])
+    [study_run] = [r for r in runs if r.data.tags["allfuse.level"] == "study"]
+    assert study_run.info.status == "FINISHED" and study_run.data.tags["allfuse.workers"] == "2"
+    assert study_run.data.params["sampler.constant_liar"] == "True" and study_run.data.params["sampler.multivariate"] == "True"
+    children = {int(r.data.tags["allfuse.trial"]): r for r in runs if r.data.tags["allfuse.level"] == "trial"}
+    assert set(children) == set(trials)
+    assert all(r.data.tags["allfuse.worker"] == str(trials[n].user_attrs[studies.WORKER_ATTR]) for n, r in children.items())
+    assert all(r.data.tags["mlflow.parentRunId"] == study_run.info.run_id for r in children.values())
+    assert all(check_tags(r.data.tags) == [] for r in runs)
+
+
+@pytest.mark.slow
+def test_workers_finishing_together_never_start_a_trial_beyond_the_budget(tmp_path, make_job):
+    """The race MaxTrialsCallback alone loses: two workers in lockstep (every trial starts with the
+    other's, none pruned, all equally long) finish trials 2 and 3 together with 4 of 5 done; both
+    look for work, and only one may start the fifth trial."""
+    first = make_job(tmp_path, tune={"n_trials": 5, "workers": 2, "n_warmup_steps": 10})
+    second = make_job(tmp_path, data=first.data, split=first.split, worker=1,
+                      tune={"n_trials": 5, "workers": 2, "n_warmup_steps": 10})  # fmt: skip
+    trainer = {"epoch_seconds": 0.3, "barrier": str(tmp_path / "barrier"), "lockstep": 3}
+    wait_ok(start_worker(first, tmp_path, **trainer), start_worker(second, tmp_path, **trainer))
+    trials = assert_exact_budget(first, 5)
+    assert len(trials) == 5 and {t.user_attrs[studies.WORKER_ATTR] for t in trials.values()} == {0, 1}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_then_rerun_still_ends_at_the_budget(tmp_path, make_job):
+    """Worker 1 is killed (SIGKILL) in its second trial while worker 0 runs on; rerunning worker 1
+    (what the workflow reruns: the failed job) completes the study at exactly 6 finished trials,
+    the killed trial FAIL and retried once with its parameters."""
+    first, second = two_workers(make_job, tmp_path)
+    marker = tmp_path / "hanging"
+    trainer = {"epoch_seconds": 0.2, "barrier": str(tmp_path / "barrier")}
+    survivor = start_worker(first, tmp_path, **trainer)
+    killed = start_worker(second, tmp_path, **trainer, hang_on_call=2, marker=str(marker))
+    kill_when(killed, marker)
+    wait_ok(survivor)
+    assert not Path(second.out_record).exists()
+    tuning.tune(second, trainer=FakeTrainer())  # the rerun of the failed job
+    record = tuning.collect_study(collect_job(first))
+
+    trials = assert_exact_budget(first, 6)
+    [dead] = [t for t in trials.values() if t.state.name == "FAIL"]
+    assert dead.user_attrs[studies.WORKER_ATTR] == 1 and dead.user_attrs[studies.OWNER_ATTR]["pid"] == killed.pid
+    [retry] = [t for t in trials.values() if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.params == dead.params and retry.state.name in ("COMPLETE", "PRUNED")
+    assert {t.user_attrs[studies.WORKER_ATTR] for t in trials.values()} == {0, 1}
+    assert record["n_failed"] == 1 and record["n_complete"] + record["n_pruned"] == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,10 +623,10 @@ def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow
         tune={"n_trials": 2, "epochs": 4, "search_space": {"learning_rate": {"low": 1e-5, "high": 0.1, "log": True}}},
         enqueue=[{"learning_rate": 0.03}, {"learning_rate": 1e-5}],
     )  # fmt: skip
-    record = tuning.tune(job)
+    record = run_study(job)
 
     assert sorted(opened) == sorted([job.data["train"], job.data["val"]])  # test.npz (garbage) untouched
-    trials = study_trials(job.db_path)
+    trials = study_trials(job)
     assert trials[0].state.name == "COMPLETE" and trials[1].state.name == "PRUNED"
     assert record["trial"] == 0 and record["params"] == {"learning_rate": 0.03}
     assert record["value"] < trials[1].intermediate_values[min(trials[1].intermediate_values)]
@@ -403,4 +647,6 @@ def test_real_study_prunes_never_reads_test_and_nests_in_mlflow(tmp_path, mlflow
     assert "trial_seconds" in children[1].data.metrics
     assert parent.data.params["best.learning_rate"] == "0.03"
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["allfuse.device"] == "cpu"
+    # The device is its worker's: on each trial run, not on the study run several workers share.
+    assert {r.data.tags["allfuse.device"] for r in children.values()} == {"cpu"} and "allfuse.device" not in parent.data.tags
+    assert {r.data.tags["allfuse.worker"] for r in children.values()} == {"0"} and parent.data.tags["allfuse.workers"] == "1"

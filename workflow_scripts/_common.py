@@ -2,9 +2,11 @@
 
 Every adapter does three things: unpack the ``snakemake`` object, send logging into the rule's
 ``log:`` file, and call one ``allfuse`` function. ``run_rule`` does the logging and turns an
-``AllfuseError`` into one clear line in the log (and on stderr) with a non-zero exit, instead of a
-traceback; outside Snakemake it builds the ``snakemake`` object itself (``mock_snakemake``), so
-any adapter can be run by hand for debugging:
+``AllfuseError`` (bad input, a damaged intermediate) into one clear line in the log (and on
+stderr) with a non-zero exit, instead of a traceback; a job interrupted (Ctrl-C, SIGTERM, or
+Snakemake gone: ``allfuse.stages.job_signals``) says so in one line too. Outside Snakemake it
+builds the ``snakemake`` object itself (``mock_snakemake``), so any adapter can be run by hand
+for debugging:
 
     python workflow_scripts/make_splits.py dataset=ALL_IDB1 [--configfile my.yaml] [--directory DIR]
 
@@ -30,11 +32,22 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from allfuse import tracking  # noqa: E402
 from allfuse.errors import AllfuseError  # noqa: E402
 from allfuse.session import Runtime  # noqa: E402
-from allfuse.stages import StageContext, StoreInfo  # noqa: E402
+from allfuse.stages import StageContext, StoreInfo, job_signals  # noqa: E402
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _InterruptsWithoutTraceback(logging.Filter):
+    """An interrupted job says so in one line (``run_rule``): a library that logs the interrupt
+    it passes on (Optuna's failed trial) keeps its message, not the interrupt's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def setup_logging(log_path: str | os.PathLike[str] | None, level: int = logging.INFO) -> logging.Logger:
@@ -43,6 +56,8 @@ def setup_logging(log_path: str | os.PathLike[str] | None, level: int = logging.
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+    for handler in handlers:
+        handler.addFilter(_InterruptsWithoutTraceback())
     logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers, force=True)
     logging.captureWarnings(True)
     # Third-party chatter that drowns the rule's own messages.
@@ -59,17 +74,28 @@ def setup_logging(log_path: str | os.PathLike[str] | None, level: int = logging.
 
 def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -> None:
     """Run an adapter's ``main(snakemake, log)`` with logging set up from the rule's ``log:``;
-    ``smk`` None (run by hand) builds the object from the command line first."""
-    smk = smk if smk is not None else standalone(rule)
+    ``smk`` None (run by hand) builds the object from the command line first. A job Snakemake
+    started stops (as on SIGTERM) when Snakemake is gone."""
+    by_hand = smk is None
+    smk = standalone(rule) if by_hand else smk
     log = setup_logging(smk.log[0] if len(smk.log) else None)
     log.info("rule %s %s (pid %d)", smk.rule, dict(smk.wildcards.items()), os.getpid())
+    # How long tracking calls ride out an unreachable server: a setting of the job's process, read
+    # from the config (not a param: changing it reruns nothing).
+    tracking.set_retry_seconds(smk.config["tracking"]["retry_seconds"])
     start = time.perf_counter()
     try:
-        main(smk, log)
+        with job_signals(watch_parent=not by_hand):
+            main(smk, log)
     except AllfuseError as exc:
         log.error("%s", exc)
         logging.shutdown()
         sys.exit(1)
+    except KeyboardInterrupt as exc:
+        log.error("rule %s interrupted (%s) after %.1f s; rerun snakemake to redo this job", smk.rule,
+                  exc or "Ctrl-C", time.perf_counter() - start)  # fmt: skip
+        logging.shutdown()
+        sys.exit(130)
     log.info("rule %s done in %.1f s, peak RSS %.0f MiB", smk.rule, time.perf_counter() - start, peak_rss_mib())
 
 

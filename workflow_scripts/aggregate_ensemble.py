@@ -5,7 +5,8 @@ from _common import context, run_rule
 from allfuse.evaluation import aggregate_ensemble
 from allfuse.predictions import load_member
 from allfuse.settings import EvaluationSettings
-from allfuse.stages import SplitFacts, read_record
+from allfuse.files import read_record
+from allfuse.stages import SplitFacts
 
 
 def main(smk, log):

@@ -6,6 +6,7 @@ from _common import run_rule
 
 from allfuse.data import summarise_rows
 from allfuse.ingest import write_archive_dataset
+from allfuse.settings import from_config
 
 
 def main(smk, log):
@@ -15,6 +16,8 @@ def main(smk, log):
         Path(smk.output.manifest).parent,
         image_size=smk.params.image_size,
         max_pixels=smk.params.max_pixels,
+        # The demo's archive is the workflow's own: a damaged one is remade by its rule.
+        made_by="make_demo_archives" if from_config(smk.config).uses_demo else None,
     )
     log.info("%s", summarise_rows(rows))
 

@@ -10,8 +10,9 @@ from allfuse.splits import make_split, read_groups_csv, split_summary
 def main(smk, log):
     rows = read_manifest(smk.input.manifest)
     cfg = smk.params.split
-    # Slide groups (user CSV or the demo's own); make_split adds identical-pixel groups itself.
-    groups = read_groups_csv(smk.input.groups[0]) if smk.input.groups else None
+    # Slide groups (user CSV or the demo's own, an intermediate); make_split adds identical-pixel groups itself.
+    made_by = None if smk.config["data"].get("groups_csv") else "make_demo_archives"
+    groups = read_groups_csv(smk.input.groups[0], made_by) if smk.input.groups else None
     split = make_split(
         rows,
         dataset=smk.wildcards.dataset,

@@ -16,7 +16,7 @@ def main(smk, log):
         members=[load_member(path) for path in i.member_runs],
         ensembles=[load_ensemble(path) for path in i.ensemble_runs],
         fusion=load_fusion(i.fusion),
-        fusion_weights=i.weights,
+        fusion_weights=i.weights[0] if i.weights else None,
         evaluation_run=i.evaluation,
         metrics=i.metrics,
         manifest=i.manifest,

@@ -2,12 +2,12 @@
 
 from _common import run_rule
 
-from allfuse.files import read_csv
 from allfuse.plots import plot_fold_accuracy
+from allfuse.reports import read_metrics_csv
 
 
 def main(smk, log):
-    rows = read_csv(smk.input.metrics)
+    rows = read_metrics_csv(smk.input.metrics)
     log.info("wrote %s", plot_fold_accuracy(rows, smk.output[0], float(smk.params.ci_level)))
 
 

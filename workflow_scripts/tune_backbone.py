@@ -1,4 +1,5 @@
-"""Rule tune_backbone: the Optuna study of one (dataset, backbone), on train and validation data only."""
+"""Rule tune_backbone: one worker of the Optuna study of one (dataset, fold, backbone), on train
+and validation data only."""
 
 from _common import context, inputs, run_rule, runtime
 
@@ -19,14 +20,14 @@ def main(smk, log):
         tune=TuneSettings.from_params(smk.params.tune),
         data=inputs(smk, "train", "val", "manifest", "images"),  # never the test subset: not an input
         split=smk.input.split,
-        out_best=smk.output.best,
-        out_trials=smk.output.trials,
+        out_record=smk.output.record,
         runtime=runtime(smk),
         context=context(smk),
         fold=int(smk.params.fold),
+        worker=int(smk.params.worker),
     )
     record = tune(job)
-    log.info("study %s: best trial %d (%s = %.4g)", record["study"], record["trial"], record["objective"], record["value"])
+    log.info("study %s, worker %d: ran trials %s", record["study"], record["worker"], record["trials"])
 
 
 if __name__ == "__main__":
