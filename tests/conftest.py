@@ -21,7 +21,10 @@ import contextlib
 import copy
 import io
 import os
+import re
+import subprocess
 import tarfile
+import time
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +38,17 @@ from PIL import Image
 # Official extensions and image folders, spelled as the real archives spell them.
 LAYOUT = {"ALL_IDB1": ("im", ".jpg", "JPEG"), "ALL_IDB2": ("img", ".tif", "TIFF")}
 SIZES = {"ALL_IDB1": (40, 30), "ALL_IDB2": (24, 24)}
+
+
+def wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until ``pattern`` appears in the file ``path`` while ``proc`` (Snakemake) still runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
+            return
+        assert proc.poll() is None, f"Snakemake ended before {pattern!r} appeared in {path}"
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
 
 
 def noise_pixels(width: int, height: int, seed: int) -> np.ndarray:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import MICRO_CONFIG, wait_for
 
 from allfuse import tags as T
 from allfuse import tracking
-from conftest import MICRO_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -381,16 +381,6 @@ def test_the_mlflow_ui_link_opens_on_the_training_runs_in_a_real_browser(finishe
     assert "package-ALL_IDB2-fold0" in page and "evaluate" in page  # the training runs, listed
 
 
-def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
-            return
-        assert proc.poll() is None, f"Snakemake ended before {pattern!r} appeared in {path}"
-        time.sleep(0.02)
-    raise AssertionError(f"{pattern!r} never appeared in {path}")
-
-
 def _kill_job(log: Path) -> None:
     """SIGKILL the one job whose log this is (its first line names its pid), not Snakemake itself."""
     pid = int(re.search(r"\(pid (\d+)\)", log.read_text()).group(1))
@@ -404,7 +394,7 @@ def _run_and_kill(smk, workdir: Path, target: str | None, log: Path, pattern: st
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env={**os.environ, "ALLFUSE_GPU_JOBS": "0"})  # fmt: skip
     try:
-        _wait_for(log, pattern, proc, timeout=600)
+        wait_for(log, pattern, proc, timeout=600)
         _kill_job(log)
         proc.wait(timeout=120)
     finally:

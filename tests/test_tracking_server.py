@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_for
 
 from allfuse import tags as T
 from allfuse import tracking
@@ -307,16 +308,6 @@ def test_an_unreachable_server_stops_the_workflow_before_any_job(smk, tmp_path):
     assert out.returncode != 0 and "carries a password" in said and "pw-in-the-uri" not in said
 
 
-def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
-            return
-        assert proc.poll() is None, f"Snakemake ended before {pattern!r} appeared in {path}"
-        time.sleep(0.05)
-    raise AssertionError(f"{pattern!r} never appeared in {path}")
-
-
 @dataclass
 class Outage:
     workdir: Path
@@ -340,7 +331,7 @@ def dag(server, smk, tmp_path_factory) -> Outage:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "ALLFUSE_GPU_JOBS": "0"})  # fmt: skip
     try:
-        _wait_for(member_log, r"MLflow run \w+ started", proc, timeout=900)
+        wait_for(member_log, r"MLflow run \w+ started", proc, timeout=900)
         server.stop_server()
         stopped = time.perf_counter()
         first_output, _ = proc.communicate(timeout=600)
