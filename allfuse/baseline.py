@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: The ``backbone`` of a baseline's run record (so member-style readers can read it) and the
 #: ``level`` of its MLflow run.
 BASELINE = "baseline"
-#: Images turned into features at a time (bounds the float copies of a memory-mapped cache).
+#: Images turned into features at a time (bounds the float copies of a cache read on demand).
 FEATURE_CHUNK = 16
 #: BT.601 luma weights of R, G, B: the grey level of the grid.
 LUMA = np.array([0.299, 0.587, 0.114])

@@ -1,7 +1,7 @@
 """The ``allfuse`` console script: demo archives and archive inspection outside the workflow.
 
     allfuse make-demo-archives OUT_DIR [--seed N] [--format zip|tar|tar.gz|dir]
-    allfuse inspect ARCHIVE [--max-pixels N] [--which ALL_IDB1|ALL_IDB2]
+    allfuse inspect ARCHIVE [--max-pixels N] [--which ALL_IDB1|ALL_IDB2 | --labelled NAME]
     allfuse predict INPUT... --model URI [--out predictions.csv] [--tracking-uri URI]
     allfuse fetch-weights [--configfile FILE ...] [--directory DIR] [--source URL|DIR]
     allfuse --version
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--which", choices=ARCHIVES, action="append", help="dataset to check (repeatable; default: every one present)"
     )
+    inspect.add_argument(
+        "--labelled", metavar="NAME",
+        help="ARCHIVE is a labelled set named NAME (config key data.labelled.NAME): a folder with blast/ and "
+             "healthy/ subfolders of images, or a .csv file with the columns path,label",
+    )  # fmt: skip
     inspect.set_defaults(func=_inspect)
     _add_predict(commands)
     _add_fetch_weights(commands)
@@ -145,15 +150,17 @@ def _make_demo_archives(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from allfuse.ingest import scan_all, summarise
+    from allfuse.labelled import scan_labelled
 
     max_pixels = args.max_pixels if args.max_pixels is not None else _default_max_pixels()
-    scans = scan_all(args.archive, max_pixels, which=args.which)
+    if args.labelled:
+        scans, what = [scan_labelled(args.archive, args.labelled, max_pixels)], "labelled set"
+    else:
+        scans, what = scan_all(args.archive, max_pixels, which=args.which), "ALL-IDB archive"
     print("\n\n".join(summarise(scan) for scan in scans))
     problems = [p for scan in scans for p in scan.problems]
     if problems:
-        raise DataError(
-            f"{args.archive} is not a usable ALL-IDB archive: {len(problems)} problem(s)", problems=problems
-        )
+        raise DataError(f"{args.archive} is not a usable {what}: {len(problems)} problem(s)", problems=problems)
     return 0
 
 

@@ -206,7 +206,7 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
 def _check_semantics(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     """Cross-key rules a JSON schema cannot express; ConfigError with one line per problem."""
     problems = (_check_input_sizes(config, schema) + _check_search_spaces_used(config) + _check_package_fold(config)
-                + _check_study_storage(config))  # fmt: skip
+                + _check_study_storage(config) + _check_datasets(config, schema))  # fmt: skip
     spaces = {"tune.search_space": config["tune"]["search_space"]}
     for name, block in config["backbones"].items():
         if "search_space" in block:
@@ -235,6 +235,26 @@ def _check_input_sizes(config: Mapping[str, Any], schema: Mapping[str, Any]) -> 
             problems.append(
                 f"config key 'hybrid.input_size' ({inherited}) is below the minimum of backbone '{backbone}' "
                 f"({minimum} px), which inherits it: set backbones.{backbone}.input_size >= {minimum}"
+            )
+    return problems
+
+
+def _check_datasets(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """Every dataset run is an ALL-IDB one or a labelled set, and no labelled set takes an ALL-IDB name."""
+    builtin = list(schema["$defs"]["builtin_dataset"]["enum"])
+    labelled = list(config["data"]["labelled"])
+    problems = [
+        f"config key 'data.labelled.{name}': {name} is an ALL-IDB dataset (read from data.archives); "
+        "give the labelled set another name"
+        for name in labelled
+        if name in builtin
+    ]
+    for i, name in enumerate(config["datasets"]):
+        if name not in builtin and name not in labelled:
+            guess = _did_you_mean([name], builtin + labelled)
+            problems.append(
+                f"config key 'datasets[{i}]': {name!r} is neither an ALL-IDB dataset ({', '.join(builtin)}) nor a "
+                f"labelled set under data.labelled{guess}; add data.labelled.{name}: <folder or .csv file>"
             )
     return problems
 

@@ -2,24 +2,30 @@
 
 A dataset folder holds ``manifest.csv`` (one row per image, ``MANIFEST_COLUMNS`` in order) and
 ``images.npy``, a uint8 (N, S, S, 3) array whose row i is the image of manifest row i, resized
-to one common square size S. ``allfuse.ingest`` validates an archive and builds both; this
-module writes them atomically, reads them back with typed values, pools datasets and
-summarises them. Rule ``ingest_archive`` writes an archive's folder, ``combine_datasets`` the
-``combined`` one (:func:`producer_rule`): a damaged file names that rule (``allfuse.files.reading``).
+to one common square size S. ``allfuse.ingest`` (ALL-IDB archives) and ``allfuse.labelled``
+(labelled folders and CSV files) validate a source and build both; this module writes them
+atomically (:func:`dataset_writer`: the cache row by row, so memory does not grow with the
+number of images), reads them back with typed values (the cache's rows on demand,
+``allfuse.arrays.NpyRows``), pools datasets and summarises them. Rule ``ingest_archive`` writes
+an archive's folder, ``ingest_labelled`` a labelled set's, ``combine_datasets`` the ``combined``
+one (:func:`producer_rule`): a damaged file names that rule (``allfuse.files.reading``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from allfuse.arrays import COPY_ROWS, ArrayFileError, NpyRows, NpyRowWriter, RowStack, open_npy
 from allfuse.errors import DataError, IntermediateError
-from allfuse.files import atomic_path, read_table, reading, save_npy, write_csv
+from allfuse.files import atomic_path, read_table, reading, write_csv
+from allfuse.settings import ARCHIVES
 
 MANIFEST_COLUMNS = (
     "image_id",
@@ -43,33 +49,90 @@ LABEL_NAMES = {1: "ALL", 0: "healthy"}
 # ---------------------------------------------------------------------------------------------
 
 
-def write_dataset(out_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], images: np.ndarray) -> None:
-    """Write ``out_dir/manifest.csv`` and ``out_dir/images.npy`` (uint8 (N, S, S, 3)).
+class DatasetWriter:
+    """A dataset being written (see :func:`dataset_writer`): ``allocate(n)`` opens the image cache
+    for n images and returns ``put(rows, images)`` (row indices, uint8 (k, S, S, 3)); ``rows``
+    must hold the manifest rows (row i = cache row i) when the block ends."""
 
-    Both files are written to temporary names first and renamed only when both are complete, so
-    a failure leaves neither.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
-    if images.shape[0] != len(rows):
-        raise ValueError(f"{len(rows)} manifest rows but {images.shape[0]} images")
+    def __init__(self, images_path: Path, image_size: int) -> None:
+        self.images_path, self.image_size = images_path, int(image_size)
+        self.rows: Sequence[Mapping[str, Any]] | None = None
+        self.images: NpyRowWriter | None = None
+
+    def allocate(self, n_images: int) -> Callable[[np.ndarray, np.ndarray], None]:
+        if self.images is not None:
+            raise RuntimeError("the image cache is already allocated")
+        shape = (int(n_images), self.image_size, self.image_size, 3)
+        self.images = NpyRowWriter(self.images_path, shape, np.dtype(np.uint8))
+        return self.images.put
+
+    def finish(self, manifest_path: Path) -> None:
+        """Check that every cache row was written and one complete manifest row matches each, and
+        write the manifest; ValueError otherwise."""
+        if self.images is None or self.rows is None:
+            raise RuntimeError("allocate the image cache and set the rows before the dataset is finished")
+        self.images.close()  # ValueError when a row was never written
+        _check_rows(self.rows, self.images.shape[0])
+        write_csv(manifest_path, self.rows, MANIFEST_COLUMNS)
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]], n_images: int) -> None:
+    if len(rows) != n_images:
+        raise ValueError(f"{len(rows)} manifest rows but {n_images} images")
     missing = [c for c in MANIFEST_COLUMNS if any(c not in row for row in rows)]
     if missing:
         raise ValueError(f"manifest rows lack column(s) {missing}")
+
+
+@contextlib.contextmanager
+def dataset_writer(out_dir: str | os.PathLike[str], image_size: int) -> Iterator[DatasetWriter]:
+    """Write ``out_dir/images.npy`` row by row and ``out_dir/manifest.csv``, all or nothing.
+
+    The cache goes to disk as it is filled (the writer holds no more than the block being put).
+    On a clean exit both files are checked (:meth:`DatasetWriter.finish`) and renamed into place
+    together; on an error neither appears, and earlier files of those names stay as they were.
+    """
     out = Path(out_dir)
     with atomic_path(out / "images.npy") as images_tmp, atomic_path(out / "manifest.csv") as manifest_tmp:
-        save_npy(images_tmp, images)
-        write_csv(manifest_tmp, rows, MANIFEST_COLUMNS)
+        writer = DatasetWriter(images_tmp, image_size)
+        try:
+            yield writer
+        except BaseException:
+            if writer.images is not None:
+                writer.images.close(check=False)
+            raise
+        writer.finish(manifest_tmp)
+
+
+def write_dataset(out_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], images: Any) -> None:
+    """Write ``out_dir/manifest.csv`` and ``out_dir/images.npy`` (uint8 (N, S, S, 3)).
+
+    ``images`` is an array or anything read by rows (``allfuse.arrays.RowSource``); it is copied
+    a block of rows at a time. Both files appear together or not at all (:func:`dataset_writer`).
+    """
+    shape = tuple(images.shape)
+    if np.dtype(images.dtype) != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
+        raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {shape}")
+    _check_rows(rows, shape[0])  # before any file or folder is made
+    with dataset_writer(out_dir, shape[1]) as out:
+        put = out.allocate(shape[0])
+        for start in range(0, shape[0], COPY_ROWS):
+            block = np.asarray(images[start : start + COPY_ROWS])
+            put(np.arange(start, start + len(block)), block)
+        out.rows = rows
 
 
 _INT_COLUMNS = ("number", "label", "width", "height", "synthetic")
 
 
 def producer_rule(path: str | os.PathLike[str]) -> str:
-    """The rule that writes a dataset folder's files: combine_datasets for ``combined``, else
-    ingest_archive (one folder per archive)."""
-    return "combine_datasets" if Path(path).parent.name == "combined" else "ingest_archive"
+    """The rule that writes a dataset folder's files (the folder is named after the dataset):
+    combine_datasets for ``combined``, ingest_archive for an archive's (ALL_IDB1, ALL_IDB2), else
+    ingest_labelled (a labelled set: any other name, ``data.labelled``)."""
+    name = Path(path).parent.name
+    if name == "combined":
+        return "combine_datasets"
+    return "ingest_archive" if name in ARCHIVES else "ingest_labelled"
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -105,26 +168,32 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_images(path: str | os.PathLike[str], mmap: bool = True) -> np.ndarray:
-    """The uint8 (N, S, S, 3) image cache; memory-mapped read-only by default."""
+def load_images(path: str | os.PathLike[str], lazy: bool = True) -> NpyRows | np.ndarray:
+    """The uint8 (N, S, S, 3) image cache: by default its rows are read when indexed
+    (``allfuse.arrays.NpyRows``: nothing is loaded or memory-mapped up front), else in memory."""
     rule = producer_rule(path)
     with reading(path, rule) as p:
-        images = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+        try:
+            images = open_npy(p)
+        except ArrayFileError as exc:
+            raise IntermediateError(p, rule, exc.problem) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise IntermediateError(p, rule, f"holds {images.dtype} {images.shape}, expected uint8 (N, S, S, 3)")
-    return images
+    return images if lazy else np.asarray(images)
 
 
 def combine_datasets(
-    parts: Sequence[tuple[Sequence[Mapping[str, Any]], np.ndarray]],
-) -> tuple[list[dict[str, Any]], np.ndarray]:
+    parts: Sequence[tuple[Sequence[Mapping[str, Any]], Any]],
+) -> tuple[list[dict[str, Any]], RowStack]:
     """Pool datasets: rows sorted by ``image_id`` and the images reordered to match.
 
+    The images come back as a ``RowStack`` over the parts' caches (read when indexed, e.g. by
+    :func:`write_dataset` a block at a time), so pooling never holds every image in memory.
     Raises ``DataError`` when an image id repeats, the image sizes differ, or a part's rows and
     images disagree in number.
     """
     rows: list[dict[str, Any]] = []
-    arrays: list[np.ndarray] = []
+    arrays: list[Any] = []
     for part_rows, part_images in parts:
         if len(part_rows) != len(part_images):
             raise DataError(
@@ -134,7 +203,7 @@ def combine_datasets(
         arrays.append(part_images)
     if not rows:
         raise DataError("no datasets to combine")
-    shapes = sorted({a.shape[1:] for a in arrays})
+    shapes = sorted({tuple(a.shape[1:]) for a in arrays})
     if len(shapes) > 1:
         raise DataError(f"image caches have different shapes {shapes}; rebuild them with one data.image_size")
     repeated = sorted(i for i, n in Counter(r["image_id"] for r in rows).items() if n > 1)
@@ -143,8 +212,7 @@ def combine_datasets(
             "image ids repeat across the datasets being combined", problems=[f"{i}: appears twice" for i in repeated]
         )
     order = sorted(range(len(rows)), key=lambda i: rows[i]["image_id"])
-    images = np.concatenate(arrays, axis=0)[order]
-    return [rows[i] for i in order], images
+    return [rows[i] for i in order], RowStack(arrays, np.array(order, dtype=np.int64), name="combined image caches")
 
 
 def find_duplicates(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
@@ -183,6 +251,8 @@ def summarise_rows(rows: Sequence[Mapping[str, Any]]) -> str:
 
 __all__ = [
     "LABEL_NAMES",
+    "DatasetWriter",
+    "dataset_writer",
     "MANIFEST_COLUMNS",
     "SYNTHETIC_MARKER",
     "combine_datasets",

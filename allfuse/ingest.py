@@ -3,10 +3,12 @@
 The official layout is ``ALL_IDB1/im/ImNNN_L.jpg`` with blast centroids in
 ``ALL_IDB1/xyc/ImNNN_L.xyc`` and ``ALL_IDB2/img/ImNNN_L.tif``; ``L`` is the label (1 = ALL,
 0 = healthy). ``scan_archive`` checks everything an archive holds and collects every problem
-before anything is written; ``ingest_archive`` also resizes each image to one common square size
-(which removes the image-size shortcut of ALL-IDB1) for the ``images.npy`` cache that
-``allfuse.data.write_dataset`` writes. Each image is decoded exactly once: the scan hashes the
-full-resolution pixels and resizes the same decoded image.
+before anything is written; ``write_archive_dataset`` (the workflow's ingestion) also resizes each
+image to one common square size (which removes the image-size shortcut of ALL-IDB1) and puts it
+in the ``images.npy`` cache as soon as it is decoded (``allfuse.data.dataset_writer``: memory
+does not grow with the number of images); ``ingest_archive`` builds the same cache in memory.
+Each image is decoded exactly once: the scan hashes the full-resolution pixels and resizes the
+same decoded image.
 
 Real copies vary, and these are accepted: upper-case or long extensions (``.JPG``, ``.tiff``), a
 missing ``xyc`` folder, extra enclosing folders (``ALL-IDB/ALL_IDB1/...``), ``__MACOSX``,
@@ -21,22 +23,19 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
-from allfuse.data import SYNTHETIC_MARKER, find_duplicates, label_counts, summarise_rows
+from allfuse.data import SYNTHETIC_MARKER, dataset_writer, find_duplicates, label_counts, summarise_rows
 from allfuse.errors import DataError, IntermediateError
 from allfuse.files import sha256_array, sha256_bytes
 from allfuse.images import ImageError, decode_rgb, ingest_resize
 from allfuse.settings import ARCHIVES
-
-if TYPE_CHECKING:  # PIL is imported where images are decoded, keeping this module cheap to import
-    from PIL.Image import Image as PILImage
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +43,16 @@ logger = logging.getLogger(__name__)
 _JUNK_FOLDERS = {"__macosx"}
 _JUNK_FILES = {"thumbs.db", ".ds_store", "desktop.ini"}
 
-_IMAGE_NAME = re.compile(r"^Im(\d{3})_(\d+)$", re.IGNORECASE)
-_NAME_HINT = "names must be ImNNN_L (NNN = three-digit image number, L = 1 for ALL or 0 for healthy)"
+# The official numbers have three digits; larger ALL_IDB2-style sets (up to 9,999 crops) use four.
+_IMAGE_NAME = re.compile(r"^Im(\d{3,4})_(\d+)$", re.IGNORECASE)
+_NAME_HINT = "names must be ImNNN_L (NNN = image number of three or four digits, L = 1 for ALL or 0 for healthy)"
 
 # Largest xyc or marker file read (bytes); the real xyc files are a few hundred bytes.
 _TEXT_LIMIT = 1 << 20
+
+#: ``allocate(n)`` -> ``put(rows, images)``: where decoded, resized images go (an array in
+#: memory, or the image cache on disk: ``allfuse.data.DatasetWriter.allocate``).
+Allocate = Callable[[int], Callable[[np.ndarray, np.ndarray], None]]
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,13 @@ def make_image_id(archive: str, number: int, label: int) -> str:
     return f"{archive}/Im{number:03d}_{label}"
 
 
-def _parts(name: str) -> list[str]:
+def path_parts(name: str) -> list[str]:
+    """The components of an archive member name (``/`` or ``\\`` separated), empty and ``.`` dropped."""
     return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
 
 
-def _is_junk(parts: Sequence[str]) -> bool:
+def is_junk(parts: Sequence[str]) -> bool:
+    """Files that file managers and archivers add on their own (``__MACOSX``, ``Thumbs.db``...)."""
     return (
         any(p.lower() in _JUNK_FOLDERS for p in parts)
         or parts[-1].lower() in _JUNK_FILES
@@ -154,7 +160,7 @@ def scan_archive(path: str | os.PathLike[str], which: str, max_pixels: int) -> S
     be opened; everything wrong inside it is collected in ``ScanResult.problems``.
     """
     with open_archive(path) as archive:
-        return _scan(archive, which, max_pixels, image_size=None)[0]
+        return _scan(archive, which, max_pixels, image_size=None)
 
 
 def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str] | None = None) -> list[ScanResult]:
@@ -164,7 +170,7 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
     """
     with open_archive(path) as archive:
         members = archive.members()
-        present = [name for name in ARCHIVES if any(_dataset_index(_parts(m.name), name) is not None for m in members)]
+        present = [name for name in ARCHIVES if any(_dataset_index(path_parts(m.name), name) is not None for m in members)]
         wanted = list(which) if which else present
         if not wanted:
             what = "is empty" if not members else f"holds {len(members)} entries but no ALL_IDB1 or ALL_IDB2 folder"
@@ -172,41 +178,74 @@ def scan_all(path: str | os.PathLike[str], max_pixels: int, which: Sequence[str]
                 f"{archive.path}: {what}; expected ALL_IDB1/im/ImNNN_L.jpg and/or ALL_IDB2/img/ImNNN_L.tif",
                 problems=unsafe_members(archive),
             )
-        return [_scan(archive, name, max_pixels, image_size=None)[0] for name in wanted]
+        return [_scan(archive, name, max_pixels, image_size=None) for name in wanted]
 
 
 def ingest_archive(
     path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, made_by: str | None = None
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Validate dataset ``which`` of an archive and build its image cache.
+    """Validate dataset ``which`` of an archive and build its image cache in memory.
 
     Returns the manifest rows (sorted by ``image_id``) and a uint8 array (N, S, S, 3) with
     S = ``image_size`` pixels, whose row i is the image of manifest row i, resized from its
     original size with Lanczos filtering. Raises ``DataError`` listing every problem when the
     archive is unusable; warnings go to the ``allfuse.ingest`` logger. An archive the workflow
     made itself (the demo's, by rule ``made_by``) is an intermediate: a damaged one is one
-    ``IntermediateError`` line naming that rule.
+    ``IntermediateError`` line naming that rule. For a dataset of any size,
+    :func:`write_archive_dataset` writes the same cache to disk row by row instead.
     """
+    cache: list[np.ndarray] = []
+
+    def allocate(n: int) -> Callable[[np.ndarray, np.ndarray], None]:
+        cache.append(np.zeros((n, image_size, image_size, 3), dtype=np.uint8))
+        return cache[0].__setitem__
+
+    rows = _ingest(path, which, image_size, max_pixels, allocate, made_by)
+    return rows, cache[0]
+
+
+def write_archive_dataset(
+    path: str | os.PathLike[str], which: str, out_dir: str | os.PathLike[str], image_size: int, max_pixels: int,
+    made_by: str | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """:func:`ingest_archive` written to ``out_dir`` (``manifest.csv``, ``images.npy``), each image
+    put in the cache as it is decoded (``allfuse.data.dataset_writer``): memory stays flat
+    whatever the number of images, and nothing is written when the archive is unusable.
+    Returns the manifest rows."""
+    with dataset_writer(out_dir, image_size) as out:
+        out.rows = _ingest(path, which, image_size, max_pixels, out.allocate, made_by)
+    return list(out.rows)
+
+
+def _ingest(path: str | os.PathLike[str], which: str, image_size: int, max_pixels: int, allocate: Allocate,
+            made_by: str | None) -> list[dict[str, Any]]:  # fmt: skip
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     try:
         with open_archive(path) as archive:
-            scan, images = _scan(archive, which, max_pixels, image_size=image_size)
+            scan = _scan(archive, which, max_pixels, image_size=image_size, allocate=allocate)
     except DataError as exc:
         if made_by:  # the reader's first clause, without its advice for a user's archive
             what = str(exc).splitlines()[0].split("; ")[0].removeprefix(f"{path}: ")
             raise IntermediateError(path, made_by, f"damaged archive: {what}") from None
         raise
+    raise_problems(scan, which, path, made_by)
+    return scan.rows
+
+
+def raise_problems(scan: ScanResult, what: str, path: str | os.PathLike[str], made_by: str | None = None) -> None:
+    """Log the scan's warnings; when it found problems, DataError listing them (``what`` in
+    ``path`` cannot be used), or, for a source the workflow made itself (by rule ``made_by``),
+    one IntermediateError line naming that rule."""
     for warning in scan.warnings:
         logger.warning("%s", warning)
     if scan.problems and made_by:
-        raise IntermediateError(path, made_by, f"{which} cannot be used", scan.problems)
+        raise IntermediateError(path, made_by, f"{what} cannot be used", scan.problems)
     if scan.problems:
         raise DataError(
-            f"{which} in {path} cannot be used: {len(scan.problems)} problem(s), nothing was written",
+            f"{what} in {path} cannot be used: {len(scan.problems)} problem(s), nothing was written",
             problems=scan.problems,
         )
-    return scan.rows, np.stack(images)
 
 
 @dataclass
@@ -228,8 +267,8 @@ def _classify(archive: Archive, which: str, layout: _Layout, problems: list[str]
     for member in archive.members():
         if member.kind != "file":
             continue  # folders carry nothing; links and devices are already problems
-        parts = _parts(member.name)
-        if not parts or _is_junk(parts):
+        parts = path_parts(member.name)
+        if not parts or is_junk(parts):
             continue
         if parts[-1] == SYNTHETIC_MARKER:
             found.markers.append((parts[:-1], member))
@@ -263,9 +302,10 @@ def _classify(archive: Archive, which: str, layout: _Layout, problems: list[str]
     return found
 
 
-def _scan(archive: Archive, which: str, max_pixels: int, image_size: int | None) -> tuple[ScanResult, list[np.ndarray]]:
-    """The scan, and the images resized to ``image_size`` (aligned with the rows; empty when
-    ``image_size`` is None)."""
+def _scan(archive: Archive, which: str, max_pixels: int, image_size: int | None,
+          allocate: Allocate | None = None) -> ScanResult:  # fmt: skip
+    """The scan; with ``image_size`` and ``allocate`` each image is also resized and put at its
+    row of the cache (rows sorted by image id) as soon as it is decoded."""
     if which not in _LAYOUTS:
         raise ValueError(f"which must be one of {ARCHIVES}, got {which!r}")
     if max_pixels < 1:
@@ -282,20 +322,26 @@ def _scan(archive: Archive, which: str, max_pixels: int, image_size: int | None)
         shown = ", ".join(found.ignored[:5]) + (f" and {len(found.ignored) - 5} more" if len(found.ignored) > 5 else "")
         warnings_.append(f"{len(found.ignored)} file(s) are not part of the {which} layout and were ignored: {shown}")
 
+    ids = sorted(make_image_id(which, *key) for key, members in found.images.items() if len(members) == 1)
+    store = cache_rows(ids, allocate) if allocate is not None and image_size is not None else None
     # Images first, then centroid files, each in archive order (im/ precedes xyc/): a compressed
     # tar can only be read forward cheaply.
-    rows, resized = _decode_images(
-        archive, which, layout, found, max_pixels, image_size, synthetic is not None, problems, warnings_
-    )
+    rows = _decode_images(archive, which, layout, found, (max_pixels, image_size), synthetic is not None, problems,
+                          warnings_, store)  # fmt: skip
     blast_counts = {key: _count_centroids(archive, members[-1], problems) for key, members in found.xycs.items()}
     for row in rows:
         row["blast_count"] = blast_counts.get((row["number"], row["label"]))
-
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["image_id"])
-    rows = [rows[i] for i in order]
-    resized = [resized[i] for i in order] if resized else []
+    rows.sort(key=lambda row: row["image_id"])
     warnings_.extend(_content_warnings(which, layout, rows, found.xycs, synthetic is not None))
-    return ScanResult(which, rows, problems, warnings_, synthetic, str(archive.path)), resized
+    return ScanResult(which, rows, problems, warnings_, synthetic, str(archive.path))
+
+
+def cache_rows(ids: Sequence[str], allocate: Allocate) -> Callable[[str, np.ndarray], None]:
+    """``store(image_id, image)``: the cache (allocated for ``ids``) row of each id, in sorted id
+    order, as the manifest rows will be; images arrive in whatever order the source is read."""
+    position = {image_id: i for i, image_id in enumerate(sorted(ids))}
+    put = allocate(len(position))
+    return lambda image_id, image: put(np.array([position[image_id]]), image[None])
 
 
 def _layout_problems(archive: Archive, which: str, layout: _Layout, found: _Found) -> list[str]:
@@ -329,41 +375,41 @@ def _decode_images(
     which: str,
     layout: _Layout,
     found: _Found,
-    max_pixels: int,
-    image_size: int | None,
+    limits: tuple[int, int | None],
     synthetic: bool,
     problems: list[str],
     warnings_: list[str],
-) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    store: Callable[[str, np.ndarray], None] | None,
+) -> list[dict[str, Any]]:
     """Decode every image of ``found`` once, in archive order: its manifest row (``blast_count``
-    still None) and, when ``image_size`` is given, the (S, S, 3) uint8 resized image."""
+    still None), and, when ``store`` is given, its resized (S, S, 3) uint8 image stored.
+    ``limits``: (max_pixels, image_size or None)."""
     rows: list[dict[str, Any]] = []
-    resized: list[np.ndarray] = []
     for (number, label), members in found.images.items():
         if len(members) > 1:
             continue  # duplicate numbers are problems already
-        decoded = _read_image(archive, members[0], layout, max_pixels, image_size, problems, warnings_)
+        decoded = read_image(archive, members[0], limits, (layout.image_format,), problems, warnings_)
         if decoded is None:
             continue
-        width, height, sha_file, sha_pixels, small = decoded
+        image_id = make_image_id(which, number, label)
         rows.append(
             {
-                "image_id": make_image_id(which, number, label),
+                "image_id": image_id,
                 "dataset": which,
                 "number": number,
                 "label": label,
-                "width": width,
-                "height": height,
-                "sha256_file": sha_file,
-                "sha256_pixels": sha_pixels,
+                "width": decoded.width,
+                "height": decoded.height,
+                "sha256_file": decoded.sha256_file,
+                "sha256_pixels": decoded.sha256_pixels,
                 "blast_count": None,
                 "archive_path": members[0].name,
                 "synthetic": int(synthetic),
             }
         )
-        if small is not None:
-            resized.append(small)
-    return rows, resized
+        if store is not None and decoded.resized is not None:
+            store(image_id, decoded.resized)
+    return rows
 
 
 def _duplicate_numbers(found: Mapping[tuple[int, int], list[Member]], what: str) -> list[str]:
@@ -396,7 +442,7 @@ def _read_marker(
     dataset folder itself, the marker sits in its parent, outside the listing, and is looked up on
     disk so that a synthetic copy is never mistaken for real data.
     """
-    root_parts = _parts(root) if root else None
+    root_parts = path_parts(root) if root else None
     found: Member | None = None
     for folder, member in markers:
         if root_parts is not None and folder in (root_parts[:-1], root_parts):
@@ -466,18 +512,32 @@ def _is_number(text: str) -> bool:
     return value == value and value >= 0  # not NaN, not negative
 
 
-def _read_image(
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image: original size, sha256 of the file and of its RGB pixels, and the
+    resized (S, S, 3) uint8 cache image (None when no size was asked for)."""
+
+    width: int
+    height: int
+    sha256_file: str
+    sha256_pixels: str
+    resized: np.ndarray | None
+
+
+def read_image(
     archive: Archive,
     member: Member,
-    layout: _Layout,
-    max_pixels: int,
-    image_size: int | None,
+    limits: tuple[int, int | None],
+    expected: tuple[str, ...],
     problems: list[str],
     warnings_: list[str],
-) -> tuple[int, int, str, str, np.ndarray | None] | None:
-    """Decode one image member once: (width, height, sha256 of file, sha256 of RGB pixels,
-    resized (S, S, 3) uint8 array or None). Appends a problem and returns None when unusable."""
+    formats: tuple[str, ...] = ("JPEG", "TIFF"),
+) -> Decoded | None:
+    """Decode one image member once (any of ``formats``, PIL names); a member of another format
+    than ``expected`` is read with a warning. ``limits``: (max_pixels, image size of the cache or
+    None). Appends a problem naming the member and returns None when it is unusable."""
     name = member.name
+    max_pixels, image_size = limits
     # An uncompressed RGB image of max_pixels takes 3 bytes a pixel; allow headroom for metadata.
     if member.size > 4 * max_pixels + (1 << 20):
         problems.append(
@@ -487,33 +547,17 @@ def _read_image(
         return None
     try:
         data = archive.read(name)
-    except DataError as exc:
+        rgb_image = decode_rgb(name, data, max_pixels, formats)
+    except (DataError, ImageError) as exc:
         problems.append(str(exc))
         return None
-    rgb_image = _decode_rgb(name, data, layout, max_pixels, problems, warnings_)
-    if rgb_image is None:
-        return None
+    fmt = rgb_image.info["source_format"]
+    if fmt not in expected:
+        warnings_.append(f"{name}: holds {fmt} data, not {' or '.join(expected)}; it was read anyway")
     width, height = rgb_image.size
     rgb = np.asarray(rgb_image, dtype=np.uint8)
     small = ingest_resize(rgb_image, image_size) if image_size is not None else None
-    return width, height, sha256_bytes(data), sha256_array(rgb), small
-
-
-def _decode_rgb(
-    name: str, data: bytes, layout: _Layout, max_pixels: int, problems: list[str], warnings_: list[str]
-) -> PILImage | None:
-    """The image file ``data`` of entry ``name`` decoded to 8-bit RGB (allfuse.images.decode_rgb),
-    or None with the reason appended to ``problems``; a JPEG where a TIFF belongs (or the
-    reverse) is read with a warning."""
-    try:
-        rgb = decode_rgb(name, data, max_pixels)
-    except ImageError as exc:
-        problems.append(str(exc))
-        return None
-    fmt = rgb.info["source_format"]
-    if fmt != layout.image_format:
-        warnings_.append(f"{name}: holds {fmt} data, not {layout.image_format}; it was read anyway")
-    return rgb
+    return Decoded(width, height, sha256_bytes(data), sha256_array(rgb), small)
 
 
 def _content_warnings(
@@ -581,11 +625,19 @@ def summarise(scan: ScanResult) -> str:
 
 __all__ = [
     "ARCHIVES",
+    "Allocate",
+    "Decoded",
     "ScanResult",
+    "cache_rows",
     "ingest_archive",
+    "is_junk",
     "make_image_id",
     "parse_image_name",
+    "path_parts",
+    "raise_problems",
+    "read_image",
     "scan_all",
     "scan_archive",
     "summarise",
+    "write_archive_dataset",
 ]

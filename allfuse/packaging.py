@@ -220,7 +220,7 @@ def check_against_run(ensemble: FusedEnsemble, job: PackageJob) -> dict[str, Any
     if missing:
         raise DataError(f"{job.manifest} lacks {len(missing)} image(s) of {job.fusion.path}, e.g. {missing[0]}; "
                         "rerun the workflow from ingestion")  # fmt: skip
-    cache = load_images(job.images, mmap=True)
+    cache = load_images(job.images)
     rows = np.array([position[i] for i in expected.image_id], dtype=np.int64)
     parts = [ensemble.predict(np.asarray(cache[rows[k : k + CHECK_CHUNK]])) for k in range(0, rows.size, CHECK_CHUNK)]
     got = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

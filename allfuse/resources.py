@@ -11,7 +11,8 @@ README, "Running on a cluster"):
   Snakemake's own job process) + the network's fixed cost (weights, optimizer state, traced
   graphs) + activations, which grow with batch size x input pixels, kept for the backward pass
   in finetune mode and only a few layers' worth at a time in inference + the job's data in memory
-  (the image cache, memory-mapped and paged in; head mode: the feature maps). A study
+  (the image cache, or in head mode the feature maps, counted whole: jobs read them a chunk at a
+  time through ``allfuse.arrays``, so this part is an upper bound). A study
   builds one model per trial, and TensorFlow does not hand all of a finished trial's memory back:
   its estimate is a member's times ``STUDY_FACTOR``. A job with a GPU adds the CUDA libraries'
   host memory (``GPU_HOST_MB``); its activations live on the card, so the CPU estimate stays an

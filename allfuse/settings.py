@@ -30,7 +30,9 @@ _PROPS = _SCHEMA["properties"]
 _HYBRID_PROPS = _SCHEMA["$defs"]["hybrid_settings"]["properties"]
 
 ARCHIVES: tuple[str, ...] = tuple(_PROPS["data"]["properties"]["archives"]["properties"])
-DATASETS: tuple[str, ...] = tuple(_PROPS["datasets"]["items"]["enum"])
+#: The ALL-IDB datasets; labelled sets (data.labelled) take any other name of the schema's pattern.
+DATASETS: tuple[str, ...] = tuple(_SCHEMA["$defs"]["builtin_dataset"]["enum"])
+DATASET_NAME: str = _SCHEMA["$defs"]["dataset_name"]["pattern"]
 BACKBONES: tuple[str, ...] = tuple(_PROPS["backbones"]["properties"])
 MIN_INPUT_SIZE: dict[str, int] = {b: backbone_minimum(_SCHEMA, b) for b in BACKBONES}
 MODES: tuple[str, ...] = tuple(_HYBRID_PROPS["mode"]["enum"])
@@ -328,9 +330,19 @@ class Settings:
 
     @property
     def archives_needed(self) -> list[str]:
-        """The archives the configured datasets read (combined needs both)."""
-        needed = {a for d in self.datasets for a in (ARCHIVES if d not in ARCHIVES else (d,))}
+        """The archives the configured datasets read (combined needs both; labelled sets none)."""
+        needed = {a for d in self.datasets if d in DATASETS for a in (ARCHIVES if d not in ARCHIVES else (d,))}
         return [a for a in ARCHIVES if a in needed]
+
+    @property
+    def labelled(self) -> dict[str, str]:
+        """The labelled sets the configured datasets read: name -> folder or CSV path."""
+        return {d: self.data["labelled"][d] for d in self.datasets if d not in DATASETS}
+
+    @property
+    def dataset_names(self) -> tuple[str, ...]:
+        """Every name the ``dataset`` wildcard may take: the ALL-IDB datasets and the labelled sets run."""
+        return DATASETS + tuple(self.labelled)
 
     @property
     def folds(self) -> tuple[int, ...]:

@@ -124,7 +124,7 @@ class DemoSpec:
         problems = []
         limits = {
             "idb1_all": (1, 998), "idb1_healthy": (1, 998), "idb1_width": (64, 8192),
-            "idb1_height": (64, 8192), "idb2_per_class": (1, 499), "idb2_size": (32, 2048),
+            "idb1_height": (64, 8192), "idb2_per_class": (1, 4999), "idb2_size": (32, 2048),
         }  # fmt: skip
         for key, (low, high) in limits.items():
             value = getattr(self, key)

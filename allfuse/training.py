@@ -250,8 +250,8 @@ def train_head(
 ) -> TrainResult:
     """Train the fusion head on cached feature maps (head mode).
 
-    train, val: {"x": float (M, H, W, C) feature maps, "y": int (M,)} as written by
-    allfuse.features. ``epochs`` overrides settings.epochs. The head's input standardisation
+    train, val: {"x": float (M, H, W, C) feature maps (an array, or rows read from a feature
+    file: ``allfuse.training_data.load_features``), "y": int (M,)} as written by allfuse.features. ``epochs`` overrides settings.epochs. The head's input standardisation
     uses the training features' per-channel statistics. Returns the head model with its
     best-epoch weights. Determinism is the compute session's (allfuse.session).
     """
@@ -269,12 +269,27 @@ def train_head(
     model = build_head(tuple(x_train.shape[1:]), settings, feature_stats=stats)  # type: ignore[arg-type]
     run = _Run(model, settings, _Monitor(settings.patience, on_epoch_end),
                lambda m: predict_features(m, x_val), y_val, list(callbacks or []), verbose)  # fmt: skip
+    x_fit = _fit_input(x_train)
+    del x_train  # read from a feature file, the maps now live in the tensor only
     run.fit(
-        "head", float(settings.learning_rate), x_train, y_train,
+        "head", float(settings.learning_rate), x_fit, y_train,
         batch_size=int(settings.batch_size), epochs=int(epochs if epochs is not None else settings.epochs),
         class_weight=weights, shuffle=True,
     )  # fmt: skip
     return run.result(start)
+
+
+def _fit_input(x: np.ndarray) -> Any:
+    """Training feature maps as ``model.fit`` takes them with the least memory: a backend tensor.
+
+    Keras casts float16 inputs to float32 itself; from a NumPy array it first makes a NumPy
+    float32 copy and then a tensor of it (5x the float16 size at the peak, with the caller's
+    array), from a tensor only the cast (3x). The values, the shuffling and so the trained model
+    are the same either way.
+    """
+    import keras
+
+    return keras.ops.convert_to_tensor(x)
 
 
 def training_batches(

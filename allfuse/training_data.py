@@ -6,9 +6,11 @@ switch is made here, once, so stages hold no mode branches:
 
 - head mode, :class:`FeatureData`: the cached backbone feature maps, one ``.npz`` file per
   subset (``x`` float16 (M, H, W, C), ``y`` int64 (M,), ``ids`` str (M,), ``view`` int64 (M,):
-  0 is the original image, 1..7 a dihedral view of a training image);
-- finetune mode, :class:`ImageData`: the uint8 image cache (N, S, S, 3), memory-mapped, with the
-  manifest rows of each subset.
+  0 is the original image, 1..7 a dihedral view of a training image), written a block of rows
+  at a time (:func:`write_features`) and read in place (:func:`load_features`: ``x`` is read
+  when indexed, so predicting a subset reads its original views only);
+- finetune mode, :class:`ImageData`: the uint8 image cache (N, S, S, 3), its rows read when
+  indexed (``allfuse.arrays.NpyRows``), with the manifest rows of each subset.
 
 Both are checked against the split's fold by one id check: a subset must hold exactly the fold's
 ids (feature files), or every id of the fold must be in the manifest (image cache). Only the
@@ -17,16 +19,17 @@ subsets asked for are opened: a study never reads the test split.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from allfuse import files
+from allfuse.arrays import ArrayFileError, RowStack, open_npz_member, write_npy_stream
 from allfuse.errors import DataError, IntermediateError
-from allfuse.files import read_record, reading, sha256_array, sha256_json
+from allfuse.files import atomic_path, read_record, reading, sha256_array, sha256_json
 from allfuse.settings import HybridSettings
 
 SUBSETS = ("train", "val", "test")
@@ -64,31 +67,56 @@ class TrainingData(Protocol):
 # ------------------------------------------------------------------------------- feature files
 
 
-def save_features(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write one subset's feature arrays (x, y, ids, view) to an .npz file, atomically."""
+def write_features(path: str | Path, y: np.ndarray, ids: np.ndarray, view: np.ndarray, map_shape: tuple[int, ...],
+                   x_blocks: Iterable[np.ndarray]) -> int:  # fmt: skip
+    """Write one subset's feature file, atomically: ``x`` float16 (M, *map_shape) from ``x_blocks``
+    (consecutive row blocks, written as they come: the file never sits in memory whole), then
+    ``y``, ``ids`` and ``view`` (M,). The file is an uncompressed .npz, as ``numpy.savez`` writes
+    it (``np.load`` reads it); :func:`load_features` reads ``x`` in place. Returns M."""
+    y, ids, view = np.asarray(y, dtype=np.int64), np.asarray(ids, dtype=str), np.asarray(view, dtype=np.int64)
+    if not y.shape == ids.shape == view.shape or y.ndim != 1:
+        raise ValueError(f"y, ids and view must be 1-D of one length, got {y.shape}, {ids.shape}, {view.shape}")
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as fh:
+            write_npy_stream(fh, (y.size, *map_shape), np.dtype(np.float16), x_blocks)
+        for name, array in (("y", y), ("ids", ids), ("view", view)):
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, array, allow_pickle=False)
+    return int(y.size)
+
+
+def save_features(path: str | Path, arrays: Mapping[str, Any]) -> None:
+    """Write one subset's feature arrays (x, y, ids, view) to a feature file (:func:`write_features`)."""
     missing = [k for k in FEATURE_ARRAYS if k not in arrays]
     if missing:
         raise ValueError(f"feature arrays lack {missing}")
-    files.save_npz(
-        path,
-        x=np.asarray(arrays["x"], dtype=np.float16),
-        y=np.asarray(arrays["y"], dtype=np.int64),
-        ids=np.asarray(arrays["ids"], dtype=str),
-        view=np.asarray(arrays["view"], dtype=np.int64),
-    )
+    x = arrays["x"]
+    write_features(path, arrays["y"], arrays["ids"], arrays["view"], tuple(x.shape[1:]), [x])
 
 
-def load_features(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a subset's feature arrays written by ``save_features``; IntermediateError naming the file."""
+def load_features(path: str | Path) -> dict[str, Any]:
+    """A subset's feature arrays written by :func:`write_features`; IntermediateError naming the
+    file and rule extract_features when it is missing or damaged.
+
+    ``y``, ``ids`` and ``view`` are read; ``x`` (M, H, W, C) float16 is an
+    ``allfuse.arrays.NpyRows``: its rows are read from the file when indexed (``x[rows]``,
+    ``np.asarray(x)``), so a job reads the maps it uses and holds no more.
+    """
     rule = "extract_features"
-    with reading(path, rule) as p, np.load(p, allow_pickle=False) as data:
-        missing = [k for k in FEATURE_ARRAYS if k not in data.files]
+    with reading(path, rule) as p, zipfile.ZipFile(p) as archive:
+        missing = [k for k in FEATURE_ARRAYS if f"{k}.npy" not in archive.namelist()]
         if missing:
             raise IntermediateError(p, rule, f"lacks arrays {missing}")
-        arrays = {k: data[k] for k in FEATURE_ARRAYS}
+        try:
+            arrays: dict[str, Any] = {"x": open_npz_member(p, archive, "x.npy")}
+        except ArrayFileError as exc:
+            raise IntermediateError(p, rule, exc.problem) from None
+        for k in FEATURE_ARRAYS[1:]:
+            with archive.open(f"{k}.npy") as fh:
+                arrays[k] = np.lib.format.read_array(fh, allow_pickle=False)
     m = arrays["x"].shape[0]
-    if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS):
-        raise IntermediateError(p, rule, "holds arrays of different lengths")
+    if any(arrays[k].shape[0] != m for k in FEATURE_ARRAYS) or arrays["x"].dtype != np.float16:
+        raise IntermediateError(p, rule, "holds arrays of different lengths or types")
     return arrays
 
 
@@ -147,9 +175,7 @@ class FeatureData:
         return SubsetPrediction(subset, np.asarray(part["ids"])[keep], np.asarray(part["y"])[keep], probs)
 
     def digest(self) -> str:
-        return sha256_json(
-            {s: {k: sha256_array(np.ascontiguousarray(a[k])) for k in FEATURE_ARRAYS} for s, a in self.subsets.items()}
-        )
+        return sha256_json({s: {k: sha256_array(a[k]) for k in FEATURE_ARRAYS} for s, a in self.subsets.items()})
 
 
 def load_feature_data(paths: Mapping[str, str], split: str | Path, fold: int, subsets: Sequence[str]) -> FeatureData:
@@ -199,7 +225,7 @@ class ImageData:
             s: {
                 "ids": [self.ids[i] for i in rows],
                 "labels": sha256_array(self.labels[rows]),
-                "pixels": sha256_array(np.asarray(self.images[np.sort(rows)])),
+                "pixels": sha256_array(RowStack([self.images], np.sort(rows))),  # read a block at a time
             }
             for s, rows in self.index.items()
         }
@@ -212,7 +238,7 @@ def load_image_data(manifest: str | Path, images: str | Path, split: str | Path,
     from allfuse.data import load_images, producer_rule, read_manifest
 
     rows = read_manifest(manifest)
-    cache = load_images(images, mmap=True)
+    cache = load_images(images)
     if cache.shape[0] != len(rows):
         raise IntermediateError(images, producer_rule(images), f"holds {cache.shape[0]} images but {manifest} lists "
                                 f"{len(rows)}")  # fmt: skip

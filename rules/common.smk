@@ -38,20 +38,28 @@ FOLDS = list(S.folds)
 GPU = gpu_claim()
 
 
+# The ALL-IDB datasets and the labelled sets (data.labelled) this config runs.
 wildcard_constraints:
-    dataset="|".join(afs.DATASETS),
+    dataset="|".join(S.dataset_names),
     backbone="|".join(afs.BACKBONES),
     seed=r"\d+",
     fold=r"\d+",
     worker=r"\d+",
 
 
-def _check_archives():
-    """Fail at start-up, naming the key, when a configured archive is missing."""
-    if S.uses_demo:
-        return
+def _check_sources():
+    """Fail at start-up, naming the key, when a configured archive or labelled set is missing."""
     problems = []
-    for name in S.archives_needed:
+    # allfuse.labelled is imported only for labelled sets: ALL-IDB dry runs stay as fast.
+    if S.labelled:
+        from allfuse.labelled import labelled_problem
+
+        problems += [
+            f"data.labelled.{name}: {exc}"
+            for name, path in S.labelled.items()
+            if (exc := labelled_problem(path)) is not None
+        ]
+    for name in [] if S.uses_demo else S.archives_needed:
         path = S.data["archives"].get(name)
         if path is None:
             problems.append(
@@ -67,7 +75,9 @@ def _check_archives():
         raise WorkflowError("\n".join(problems))
 
 
-_check_archives()
+_check_sources()
+# The labelled sets' names as a wildcard constraint (never matching when there are none).
+LABELLED = "|".join(S.labelled) or "(?!)"
 
 
 def _check_tracking_uri():
@@ -105,11 +115,24 @@ def archive_input(wildcards):
     return S.data["archives"][wildcards.dataset]
 
 
+def labelled_input(wildcards):
+    """The folder or CSV file a labelled set is read from."""
+    return S.labelled[wildcards.dataset]
+
+
+def labelled_fingerprint(wildcards):
+    """What the set's files are (paths, sizes, times): a param, so changed images rerun ingestion."""
+    from allfuse.labelled import source_fingerprint
+
+    return source_fingerprint(S.labelled[wildcards.dataset])
+
+
 def groups_input(wildcards):
-    """Slide groups for the grouped split protocol: the user's CSV or the demo's own."""
+    """Slide groups for the grouped split protocol: the user's CSV, or the demo's own for the
+    demo's datasets."""
     if S.data["groups_csv"]:
         return [S.data["groups_csv"]]
-    if S.uses_demo:
+    if S.uses_demo and wildcards.dataset in afs.DATASETS:
         return [f"{RESULTS}/demo/slide_groups.csv"]
     return []
 

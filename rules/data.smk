@@ -1,5 +1,6 @@
 # Data stage: demo archives (when no real ones are configured), validated manifests with a
-# decoded image cache, the combined dataset, and the train/val/test splits.
+# decoded image cache (ALL-IDB archives, labelled sets), the combined dataset, and the
+# train/val/test splits.
 
 
 rule make_demo_archives:
@@ -38,6 +39,28 @@ rule ingest_archive:
         f"{SCRIPTS}/ingest_archive.py"
 
 
+rule ingest_labelled:
+    input:
+        source=labelled_input,
+    output:
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.csv",
+        images=f"{RESULTS}/data/{{dataset}}/images.npy",
+    log:
+        f"{LOGS}/data/{{dataset}}/ingest_labelled.log",
+    benchmark:
+        f"{JOBSTATS}/data/{{dataset}}/ingest_labelled.tsv"
+    wildcard_constraints:
+        dataset=LABELLED,
+    conda:
+        "../envs/data.yaml"
+    params:
+        image_size=S.data["image_size"],
+        max_pixels=S.data["max_pixels"],
+        fingerprint=labelled_fingerprint,
+    script:
+        f"{SCRIPTS}/ingest_labelled.py"
+
+
 rule combine_datasets:
     input:
         manifests=expand(
@@ -49,6 +72,8 @@ rule combine_datasets:
         images=f"{RESULTS}/data/combined/images.npy",
     log:
         f"{LOGS}/data/combined/combine_datasets.log",
+    benchmark:
+        f"{JOBSTATS}/data/combined/combine_datasets.tsv"
     conda:
         "../envs/data.yaml"
     script:
@@ -63,6 +88,8 @@ rule make_splits:
         split=f"{RESULTS}/splits/{{dataset}}.json",
     log:
         f"{LOGS}/splits/{{dataset}}.log",
+    benchmark:
+        f"{JOBSTATS}/splits/{{dataset}}.tsv"
     conda:
         "../envs/data.yaml"
     params:

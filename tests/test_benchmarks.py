@@ -29,6 +29,7 @@ SLOW = {
     "bench_demo.py": "| rule | jobs | wall s (sum) |",
     "bench_training_loop.py": "| variant | steady samples/s",
     "bench_paper_gpu.py": "| rule | jobs | wall s (sum) |",
+    "bench_scale.py": "| stage | wall s (",
 }
 CASES = [pytest.param(s, h, id=s) for s, h in FAST.items()]
 CASES += [pytest.param(s, h, marks=pytest.mark.slow, id=s) for s, h in SLOW.items()]

@@ -225,13 +225,17 @@ def test_two_mistakes_give_two_lines():
         ({"split": {"protocol": "random"}}, "split.protocol", "'random'"),
         ({"hybrid": {"optimizer": "adagrad"}}, "hybrid.optimizer", "'adagrad'"),
         ({"backbones": {"mobilenetv2": {"mode": "frozen"}}}, "backbones.mobilenetv2.mode", "'frozen'"),
-        ({"datasets": ["ALL_IDB3"]}, "datasets[0]", "'ALL_IDB3'"),
         ({"tune": {"objective": "val_acc"}}, "tune.objective", "'val_acc'"),
     ],
 )
 def test_bad_enum(config, path, value):
     line = one_problem(config)
     assert f"'{path}' must be one of" in line and value in line
+
+
+def test_unknown_dataset_names_the_key_and_the_closest_name():
+    line = one_problem({"datasets": ["ALL_IDB3"]})
+    assert "'datasets[0]': 'ALL_IDB3' is neither an ALL-IDB dataset" in line and "(did you mean 'ALL_IDB2'?)" in line
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,16 @@ from allfuse import cli
 from allfuse.data import MANIFEST_COLUMNS, combine_datasets, find_duplicates, load_images, read_manifest, write_dataset
 from allfuse.errors import DataError
 from allfuse.files import read_csv, sha256_array, sha256_file
-from allfuse.ingest import ingest_archive, make_image_id, parse_image_name, scan_all, scan_archive, summarise
+from allfuse.arrays import NpyRows
+from allfuse.ingest import (
+    ingest_archive,
+    make_image_id,
+    parse_image_name,
+    scan_all,
+    scan_archive,
+    summarise,
+    write_archive_dataset,
+)
 
 BIG = 60_000_000  # the config default of data.max_pixels
 
@@ -32,7 +41,8 @@ BIG = 60_000_000  # the config default of data.max_pixels
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("Im001_1.jpg", (1, 1)), ("Im108_0.JPG", (108, 0)), ("Im260_0.tiff", (260, 0)), ("Im042_1", (42, 1))],
+    [("Im001_1.jpg", (1, 1)), ("Im108_0.JPG", (108, 0)), ("Im260_0.tiff", (260, 0)), ("Im042_1", (42, 1)),
+     ("Im4321_0.tif", (4321, 0))],  # four digits: ALL_IDB2-style sets beyond 999 crops
 )
 def test_parse_image_name(name, expected):
     assert parse_image_name(name) == expected
@@ -43,6 +53,7 @@ def test_parse_image_name(name, expected):
     [
         ("image1.jpg", "pattern"),
         ("Im1_1.jpg", "pattern"),
+        ("Im12345_1.jpg", "pattern"),
         ("Im001-1.jpg", "pattern"),
         ("Im001_2.jpg", "must be 1"),
         ("Im001_10.jpg", "must be 1"),
@@ -347,9 +358,13 @@ def _tree(root: Path) -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.parametrize("build", BAD_INPUTS, ids=lambda f: f.__name__)
-def test_bad_input_is_refused_with_the_entry_named_and_nothing_written(tmp_path, idb, capsys, build):
+def test_bad_input_is_refused_with_the_entry_named_and_nothing_written(tmp_path, tmp_path_factory, idb, capsys, build):
     path, fragment, max_pixels = build(tmp_path, idb)
     before = _tree(tmp_path)
+    # An earlier, complete result of the ingest rule, which a refused archive must leave alone.
+    out = tmp_path_factory.mktemp("results") / "ALL_IDB1"
+    write_dataset(out, [{c: 1 for c in MANIFEST_COLUMNS}], np.zeros((1, 16, 16, 3), np.uint8))
+    earlier = [(p.name, p.read_bytes()) for p in sorted(out.iterdir())]
 
     rc = cli.main(["inspect", str(path), "--max-pixels", str(max_pixels)])
     err = capsys.readouterr().err
@@ -362,9 +377,12 @@ def test_bad_input_is_refused_with_the_entry_named_and_nothing_written(tmp_path,
         with pytest.raises(DataError) as exc:
             ingest_archive(path, _which(fragment), image_size=16, max_pixels=max_pixels)
     assert fragment in str(exc.value)
-    # Neither inspect nor ingest wrote anything; the ingest rule, which writes only what
-    # ingest_archive returns, has nothing to write.
+    with pytest.raises(DataError) as exc:  # what the ingest rule runs: the cache written as it is decoded
+        write_archive_dataset(path, _which(fragment), out, image_size=16, max_pixels=max_pixels)
+    assert fragment in str(exc.value)
+    # Neither inspect nor ingest wrote anything: no temporary left, the earlier result intact.
     assert _tree(tmp_path) == before
+    assert [(p.name, p.read_bytes()) for p in sorted(out.iterdir())] == earlier
     # PIL's decompression-bomb warning must become our message, not leak out as a warning.
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
@@ -439,11 +457,18 @@ def test_manifest_columns_hashes_and_cache(tmp_path, idb):
             0,
         )
 
-    cache = load_images(out / "images.npy")
-    assert isinstance(cache, np.memmap) and cache.dtype == np.uint8 and cache.shape == (4, 16, 16, 3)
+    cache = load_images(out / "images.npy")  # rows read when indexed, nothing mapped or loaded
+    assert isinstance(cache, NpyRows) and cache.dtype == np.uint8 and cache.shape == (4, 16, 16, 3)
     for i, row in enumerate(typed):
         stem = row["image_id"].split("/")[1]
         assert np.array_equal(cache[i], _solid(colours[stem], (16, 16))), row["image_id"]
+    np.testing.assert_array_equal(load_images(out / "images.npy", lazy=False), images)
+
+    # The workflow's ingestion writes the same files, each image put in the cache as it is decoded.
+    streamed = tmp_path / "streamed" / "ALL_IDB2"
+    assert write_archive_dataset(packed, "ALL_IDB2", streamed, image_size=16, max_pixels=BIG) == rows
+    assert (streamed / "manifest.csv").read_bytes() == (out / "manifest.csv").read_bytes()
+    assert (streamed / "images.npy").read_bytes() == (out / "images.npy").read_bytes()
 
 
 def test_cache_is_an_antialiased_resize_of_the_decoded_image(tmp_path, idb):
@@ -531,7 +556,11 @@ def test_read_manifest_refuses_bad_files(tmp_path, idb1_src):
     text = manifest.read_text().splitlines()
 
     with pytest.raises(DataError, match="not found; it is written by rule ingest_archive"):
-        read_manifest(tmp_path / "nothing.csv")
+        read_manifest(tmp_path / "ALL_IDB1" / "manifest.csv")
+    with pytest.raises(DataError, match="not found; it is written by rule combine_datasets"):
+        read_manifest(tmp_path / "combined" / "manifest.csv")
+    with pytest.raises(DataError, match="not found; it is written by rule ingest_labelled"):
+        read_manifest(tmp_path / "cells" / "manifest.csv")  # a labelled set (data.labelled.cells)
     manifest.write_text("\n".join([text[0].replace("label,width", "width,label")] + text[1:]) + "\n")
     with pytest.raises(DataError, match="columns"):
         read_manifest(manifest)

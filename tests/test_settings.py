@@ -61,7 +61,10 @@ def json_round_trip(value):
 
 def test_enums_agree_with_the_schema():
     assert afs.ARCHIVES == tuple(PROPS["data"]["properties"]["archives"]["properties"]) == ("ALL_IDB1", "ALL_IDB2")
-    assert afs.DATASETS == tuple(PROPS["datasets"]["items"]["enum"]) == ("ALL_IDB1", "ALL_IDB2", "combined")
+    assert afs.DATASETS == tuple(SCHEMA["$defs"]["builtin_dataset"]["enum"]) == ("ALL_IDB1", "ALL_IDB2", "combined")
+    assert PROPS["datasets"]["items"] == {"$ref": "#/$defs/dataset_name"}
+    assert afs.DATASET_NAME == SCHEMA["$defs"]["dataset_name"]["pattern"]
+    assert all(re.fullmatch(afs.DATASET_NAME, name) for name in afs.DATASETS)
     assert afs.BACKBONES == tuple(PROPS["backbones"]["properties"])
     assert set(afs.BACKBONES) == {"inceptionv3", "efficientnetb3", "mobilenetv2"}
     assert afs.MODES == tuple(HYBRID_PROPS["mode"]["enum"]) == ("head", "finetune")

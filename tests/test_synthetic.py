@@ -327,7 +327,7 @@ def test_a_failed_write_leaves_nothing_that_looks_finished(tmp_path: Path, monke
 @pytest.mark.parametrize(
     ("change", "key"),
     [({"idb1_all": 0}, "demo.idb1_all"), ({"idb2_size": 8}, "demo.idb2_size"), ({"seed": -1}, "demo.seed"),
-     ({"idb1_width": 64.5}, "demo.idb1_width"), ({"idb2_per_class": 500}, "demo.idb2_per_class")],
+     ({"idb1_width": 64.5}, "demo.idb1_width"), ({"idb2_per_class": 5000}, "demo.idb2_per_class")],
 )  # fmt: skip
 def test_invalid_spec_names_the_key(change: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -103,8 +103,17 @@ def test_save_and_load_features_round_trip(tmp_path):
         np.testing.assert_array_equal(back[key], value)
     assert back["x"].dtype == np.float16 and back["ids"].dtype.kind == "U"
     assert [p.name for p in path.parent.iterdir()] == ["train.npz"]  # no temporary left behind
+    assert sorted(np.load(path).files) == ["ids", "view", "x", "y"]  # numpy's own .npz reader reads it too
     with pytest.raises(DataError, match="not found"):
         load_features(tmp_path / "missing.npz")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"cut.npz: unreadable \(BadZipFile.*rerun rule extract_features"):
+        load_features(cut)
+    packed = tmp_path / "packed.npz"  # x is read in place: a compressed member is refused, in one line
+    np.savez_compressed(packed, **arrays)
+    with pytest.raises(DataError, match=r"packed.npz: x.npy: the array is compressed.*rerun rule extract_features"):
+        load_features(packed)
 
 
 @pytest.mark.slow

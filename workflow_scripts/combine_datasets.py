@@ -9,9 +9,10 @@ from allfuse.data import combine_datasets, load_images, read_manifest, summarise
 
 def main(smk, log):
     parts = [
-        (read_manifest(manifest), load_images(images, mmap=True))
+        (read_manifest(manifest), load_images(images))
         for manifest, images in zip(smk.input.manifests, smk.input.images, strict=True)
     ]
+    # The pooled cache is copied a block of rows at a time, never held whole.
     rows, images = combine_datasets(parts)
     write_dataset(Path(smk.output.manifest).parent, rows, images)
     log.info("%s", summarise_rows(rows))

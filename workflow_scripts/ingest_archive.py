@@ -4,21 +4,21 @@ from pathlib import Path
 
 from _common import run_rule
 
-from allfuse.data import summarise_rows, write_dataset
-from allfuse.ingest import ingest_archive
+from allfuse.data import summarise_rows
+from allfuse.ingest import write_archive_dataset
 from allfuse.settings import from_config
 
 
 def main(smk, log):
-    rows, images = ingest_archive(
+    rows = write_archive_dataset(
         smk.input.archive,
         smk.wildcards.dataset,
+        Path(smk.output.manifest).parent,
         image_size=smk.params.image_size,
         max_pixels=smk.params.max_pixels,
         # The demo's archive is the workflow's own: a damaged one is remade by its rule.
         made_by="make_demo_archives" if from_config(smk.config).uses_demo else None,
     )
-    write_dataset(Path(smk.output.manifest).parent, rows, images)
     log.info("%s", summarise_rows(rows))
 
 
