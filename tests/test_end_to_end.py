@@ -7,9 +7,11 @@
   every metrics.csv row names a run holding the resolved config and data hashes; a member's
   MLflow test metrics are the table's;
 - a member killed mid-training (SIGKILL, at an epoch line) leaves nothing that looks finished,
-  its run ends KILLED, and the recovered DAG gives the same metrics as a clean run (run ids
-  included, but the retried member's, a new attempt in the same store, and the fusion runs citing it);
-- a study killed mid-trial (its worker job) resumes where it stopped;
+  its run ends KILLED, and its rerun gives the clean run's member bit for bit (run ids included,
+  but the retried member's, a new attempt in the same store);
+- a packaged predictor, ``allfuse predict``, the served model and the MLflow UI (test_end_to_end_kfold.py:
+  a repeated k-fold DAG and a study killed mid-trial, in a file of their own so that the test
+  runners can run them beside this one);
 - nothing is written into the source tree.
 
 Each run uses its own temporary working directory holding only config.yaml; the Snakefile (and
@@ -56,10 +58,14 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def source_tree_status() -> set[str]:
-    """Files in the source tree that git does not track (ignored ones included), bytecode aside."""
+    """Files in the source tree that git does not track (ignored ones included), bytecode aside, and
+    what other test files running at the same time may touch there: Snakemake's metadata of
+    `snakemake --lint` in the repository, pytest's cache, the virtual environment."""
     out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
                          capture_output=True, text=True).stdout  # fmt: skip
-    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and "__pycache__" not in line}
+    others = (".snakemake/", ".pytest_cache/", ".venv/")
+    return {line[3:] for line in out.splitlines()
+            if line[:2] in ("??", "!!") and "__pycache__" not in line and not line[3:].startswith(others)}  # fmt: skip
 
 
 def store_runs(workdir: Path) -> tuple:
@@ -434,29 +440,6 @@ def test_a_member_killed_mid_training_leaves_nothing_and_its_recovery_matches_a_
     assert others and others <= clean_ids
 
 
-def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
-    config = copy.deepcopy(MICRO)
-    config["backbones"] = {"mobilenetv2": {"input_size": 32}}
-    config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
-    smk.write_config(tmp_path, config)
-    best = tmp_path / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2/worker0.log"  # the study's one worker
-    _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
-    assert not best.exists()
-
-    run_dag(smk, tmp_path, str(best.relative_to(tmp_path)))
-    record = yaml.safe_load(best.read_text())
-    resumed = re.search(r"(\d+) of 3 trials finished \((\d+) resumed", tune_log.read_text())
-    assert resumed and resumed.groups() == ("1", "2")  # trial 0 finished, trials 0 and 1 in the file
-    assert record["n_complete"] + record["n_pruned"] == 3 and record["n_failed"] == 1
-
-    client, runs = store_runs(tmp_path)
-    studies = [r for r in runs if r.data.tags[T.LEVEL] == "study"]
-    assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the killed study's run, resumed
-    killed = [r for r in runs if r.info.status == "KILLED"]
-    assert [r.data.tags[T.TRIAL] for r in killed] == ["1"] and killed[0].data.tags[T.TRIAL_STATE] == "FAIL"
-
-
 def test_comparisons_are_recomputable_from_the_stored_predictions(finished):
     """One McNemar p and one paired bootstrap interval of comparisons.csv, recomputed here from the
     fusion and ensemble prediction files with nothing but the standard library and NumPy."""
@@ -492,71 +475,3 @@ def test_comparisons_are_recomputable_from_the_stored_predictions(finished):
 
 
 # Every fold of a repeated k-fold split in one DAG: 3 folds x 2 repeats, two backbones, one seed.
-KFOLD = {
-    **MICRO,
-    # Crops are grouped by the slide they were cut from: enough slides for class-balanced folds.
-    "demo": {**MICRO["demo"], "idb1_all": 6, "idb1_healthy": 6},
-    "split": {"protocol": "kfold", "n_folds": 3, "n_repeats": 1},  # repeats: test_splits, test_workflow
-    "hybrid": {**MICRO["hybrid"], "epochs": 2, "patience": 2},
-    "backbones": {"efficientnetb3": {"input_size": 32}, "mobilenetv2": {"input_size": 32}},
-    "ensemble": {"seeds": [1]},
-    "tune": {"n_trials": 0},
-}
-N_FOLDS = 3
-
-
-@pytest.fixture(scope="module")
-def kfold(tmp_path_factory, smk) -> Path:
-    workdir = tmp_path_factory.mktemp("kfold")
-    smk.write_config(workdir, KFOLD)
-    run_dag(smk, workdir)
-    return workdir
-
-
-def test_kfold_runs_every_fold_with_pooled_rows_counting_each_image_once_per_repeat(kfold):
-    rows = read_rows(kfold / "results/tables/metrics.csv")
-    n_images = 2 * KFOLD["demo"]["idb2_per_class"]
-    repeats = KFOLD["split"]["n_repeats"]
-    keys = {(r["dataset"], r["model"], r["level"], r["seed"], r["rule"]) for r in rows}
-    assert {k[2] for k in keys} == {"member", "baseline", "ensemble", "fusion"}
-    for key in keys:
-        mine = [r for r in rows if (r["dataset"], r["model"], r["level"], r["seed"], r["rule"]) == key]
-        assert sorted(r["fold"] for r in mine) == sorted([*map(str, range(N_FOLDS)), "pooled"]), key
-        [pooled] = [r for r in mine if r["fold"] == "pooled"]
-        cm = sum(int(pooled[k]) for k in ("tn", "fp", "fn", "tp"))
-        assert cm == int(pooled["n_test"]) == repeats * n_images, key  # every image once per repeat
-        assert int(pooled["n_folds"]) == N_FOLDS
-        accs = [float(r["accuracy"]) for r in mine if r["fold"] != "pooled"]
-        assert float(pooled["accuracy_fold_min"]) == pytest.approx(min(accs), abs=1e-6)
-    # The fold files themselves: each image is a test image of exactly one fold per repeat.
-    from collections import Counter
-
-    seen = Counter(r["image_id"] for f in range(N_FOLDS)
-                   for r in read_rows(kfold / f"results/fusion/ALL_IDB2/fold{f}/predictions.csv")
-                   if r["split"] == "test" and r["rule"] == "sum")  # fmt: skip
-    assert len(seen) == n_images and set(seen.values()) == {repeats}
-    paired = read_rows(kfold / "results/tables/comparisons.csv")
-    assert {r["fold"] for r in paired} == {*map(str, range(N_FOLDS)), "pooled"}
-    assert (kfold / "results/plots/fold_accuracy.png").stat().st_size > 0
-
-
-def test_kfold_reruns_stay_precise(kfold, smk):
-    assert scheduled(smk, kfold) == {}
-    config = copy.deepcopy(KFOLD)
-    config["backbones"]["mobilenetv2"]["epochs"] = 3
-    smk.write_config(kfold, config)
-    try:
-        counts = scheduled(smk, kfold)
-        config = copy.deepcopy(KFOLD)
-        config["split"]["n_folds"] = 2
-        smk.write_config(kfold, config)
-        refolded = scheduled(smk, kfold)
-    finally:
-        smk.write_config(kfold, KFOLD)
-    # One backbone's change: its members, ensembles and fusions in every fold, nothing else trains.
-    assert counts.get("train_member") == N_FOLDS and counts.get("aggregate_ensemble") == N_FOLDS
-    assert counts.get("fuse_predictions") == N_FOLDS
-    assert not {"extract_features", "train_baseline", "make_splits"} & set(counts), counts
-    # Another number of folds: a new split, and everything after it.
-    assert refolded.get("make_splits") == 1 and refolded.get("train_member") == 2 * 2
-    assert refolded.get("train_baseline") == 2 and refolded.get("extract_features") == 2 * 2
