@@ -193,7 +193,9 @@ def test_kill_9_of_snakemake_stops_its_orphaned_job_and_the_next_run_asks_for_un
 def test_ctrl_c_ends_the_running_jobs_killed_and_leaves_no_lock(interrupted):
     stage = interrupted.stages["SIGINT"]
     _check_interruption(stage, {"member"})
-    assert "Terminating processes on user request" in stage.output
+    # Snakemake's own words: it terminated its jobs, or (when the job, which got the signal too,
+    # ended first) it reports that job; either way no lock is left (the SIGTERM run asked none).
+    assert re.search(r"Terminating processes on user request|did not complete successfully", stage.output)
     assert interrupted.stages["SIGTERM"].asked_unlock is False
 
 

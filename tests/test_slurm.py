@@ -117,7 +117,7 @@ def test_every_run_carries_the_slurm_job_it_ran_as(slurm_run, slurm):
             assert jobs[job]["rule"] in KERAS_RULES
         if run.data.tags[T.LEVEL] == "study":  # opened by a tune_backbone worker, ended by collect_study
             assert jobs[job]["rule"] == "collect_study"
-        if run.data.tags[T.LEVEL] in ("study", "member"):  # the device the job used: Slurm's card
+        if run.data.tags[T.LEVEL] in ("trial", "member"):  # the device the job used: Slurm's card
             assert run.data.tags[T.DEVICE] == "gpu:0", run.info.run_name
 
 
