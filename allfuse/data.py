@@ -224,6 +224,20 @@ def find_duplicates(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return sorted(sorted(ids) for ids in by_hash.values() if len(ids) > 1)
 
 
+def duplicate_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One warning per group of identical-pixel images (:func:`find_duplicates`), saying whether
+    their labels disagree (one of them is mislabelled) or agree (kept together by the split)."""
+    out = []
+    label_of = {r["image_id"]: r["label"] for r in rows}
+    for group in find_duplicates(rows):
+        clash = len({label_of[i] for i in group}) > 1
+        out.append(
+            f"identical pixels: {' = '.join(group)}"
+            + ("; their labels DISAGREE, check them" if clash else " (the grouped split keeps them together)")
+        )
+    return out
+
+
 def label_counts(counts: Mapping[int, int]) -> str:
     """``{1: 49, 0: 59}`` -> ``"49 ALL, 59 healthy"``: images per class, ALL first, zeros shown."""
     return ", ".join(f"{counts.get(label, 0)} {LABEL_NAMES[label]}" for label in (1, 0))

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
-from allfuse.data import SYNTHETIC_MARKER, dataset_writer, find_duplicates, label_counts, summarise_rows
+from allfuse.data import SYNTHETIC_MARKER, dataset_writer, duplicate_warnings, label_counts, summarise_rows
 from allfuse.errors import DataError, IntermediateError
 from allfuse.files import sha256_array, sha256_bytes
 from allfuse.images import ImageError, decode_rgb, ingest_resize
@@ -595,14 +595,7 @@ def _content_warnings(
                     f"{len(odd_labels)} {which} image(s) whose centroid count disagrees with the label "
                     f"(ALL images should have blasts, healthy ones none): {', '.join(odd_labels[:5])}"
                 )
-    label_of = {r["image_id"]: r["label"] for r in rows}
-    for group in find_duplicates(rows):
-        clash = len({label_of[i] for i in group}) > 1
-        out.append(
-            f"identical pixels: {' = '.join(group)}"
-            + ("; their labels DISAGREE, check them" if clash else " (the grouped split keeps them together)")
-        )
-    return out
+    return out + duplicate_warnings(rows)
 
 
 

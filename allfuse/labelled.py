@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.archive import Archive, Member, open_archive, unsafe_members
-from allfuse.data import dataset_writer, find_duplicates
+from allfuse.data import dataset_writer, duplicate_warnings
 from allfuse.errors import DataError
 from allfuse.ingest import Allocate, ScanResult, cache_rows, is_junk, path_parts, raise_problems, read_image
 
@@ -178,7 +178,7 @@ def _scan(source: Path, dataset: str, max_pixels: int, image_size: int | None, a
     for number, row in enumerate(rows, start=1):
         row["number"] = number
     problems.extend(_class_problems(source, entries))
-    warnings_.extend(_content_warnings(rows))
+    warnings_.extend(duplicate_warnings(rows))
     return ScanResult(dataset, rows, problems, warnings_, None, str(source))
 
 
@@ -191,18 +191,6 @@ def _class_problems(source: Path, entries: Sequence[Entry]) -> list[str]:
         for name, label in FOLDER_LABELS.items()
         if not counts[label]
     ]
-
-
-def _content_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out = []
-    label_of = {r["image_id"]: r["label"] for r in rows}
-    for group in find_duplicates(rows):
-        clash = len({label_of[i] for i in group}) > 1
-        out.append(
-            f"identical pixels: {' = '.join(group)}"
-            + ("; their labels DISAGREE, check them" if clash else " (the grouped split keeps them together)")
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
