@@ -385,13 +385,15 @@ def load_config_files(paths: Sequence[Path | str]) -> dict[str, Any]:
         raise ConfigError("no config file: give one with --configfile, or run where config.yaml is")
     config: dict[str, Any] = {}
     for path in paths:
-        config = _merged(config, _read_yaml(Path(path)))
+        config = merged(config, _read_yaml(Path(path)))
     return validate_config(config)
 
 
-def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` key by key, mappings recursively (Snakemake's --configfile
+    rule); neither is changed."""
     out = copy.deepcopy(dict(base))
     for key, value in over.items():
         both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
-        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+        out[key] = merged(out[key], value) if both else copy.deepcopy(value)
     return out

@@ -149,12 +149,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base`` key by key, mappings recursively (Snakemake's --configfile rule)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
-        out[key] = merged(out[key], value) if both else copy.deepcopy(value)
-    return out
+    """``over`` merged into ``base`` the way allfuse reads config files (``allfuse.config.merged``)."""
+    from allfuse.config import merged as merge_configs
+
+    return merge_configs(base, over)
 
 
 def repo_config(name: str = "config.yaml") -> dict[str, Any]:
