@@ -40,6 +40,20 @@ LAYOUT = {"ALL_IDB1": ("im", ".jpg", "JPEG"), "ALL_IDB2": ("img", ".tif", "TIFF"
 SIZES = {"ALL_IDB1": (40, 30), "ALL_IDB2": (24, 24)}
 
 
+#: Test files that run whole DAGs or start services, longest first (minutes each on 2 cores). They
+#: are collected first, so pytest-xdist's workers (``--dist loadfile`` hands out files in
+#: collection order as workers free up) start them at once and fill in with the short files,
+#: instead of meeting two long files one after the other at the end.
+LONG_FILES = ("test_end_to_end.py", "test_benchmarks.py", "test_slurm.py", "test_end_to_end_kfold.py",
+              "test_faults.py", "test_tracking_server.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long files first (LONG_FILES order), then the rest as collected; order within a file kept."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
     """Wait until ``pattern`` appears in the file ``path`` while ``proc`` (Snakemake) still runs."""
     deadline = time.time() + timeout
