@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allfuse import __version__, tracking
+from allfuse import __version__, timing, tracking
 from allfuse import tags as T
 from allfuse.errors import IntermediateError, TrackingError
 from allfuse.files import PathLike, read_record, removed_on_failure, sha256_file, sha256_json, write_json
@@ -262,6 +262,7 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
     with removed_on_failure(cleanup), interrupt_on_sigterm():
         stage = open_run(context, level, name, dataset=dataset, synthetic=synthetic, inputs=inputs,
                          tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
+        timing.mark_work()
         try:
             yield stage
             if finish:

@@ -28,6 +28,7 @@ import numpy as np
 
 from allfuse.errors import ConfigError, DataError
 from allfuse.images import dihedral, resize_batch
+from allfuse.metrics import roc_auc
 from allfuse.models import (
     PREDICT_CHUNK,
     backbone_network,
@@ -102,11 +103,10 @@ def make_optimizer(name: str, learning_rate: float) -> Any:
 
 
 def _auc(y_true: np.ndarray, p_all: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if np.unique(y_true).size < 2:
+    """Validation AUC (allfuse.metrics.roc_auc); NaN with one class or non-finite scores (a diverged model)."""
+    if not np.all(np.isfinite(p_all)):
         return float("nan")
-    return float(roc_auc_score(y_true, p_all))
+    return float(roc_auc(y_true, p_all))
 
 
 class _Monitor:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from allfuse import tracking  # noqa: E402
+from allfuse import timing, tracking  # noqa: E402
 from allfuse.errors import AllfuseError  # noqa: E402
 from allfuse.session import Runtime  # noqa: E402
 from allfuse.stages import StageContext, StoreInfo, job_signals  # noqa: E402
@@ -83,7 +83,7 @@ def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -
     # How long tracking calls ride out an unreachable server: a setting of the job's process, read
     # from the config (not a param: changing it reruns nothing).
     tracking.set_retry_seconds(smk.config["tracking"]["retry_seconds"])
-    start = time.perf_counter()
+    start, main_started = time.perf_counter(), time.time()
     try:
         with job_signals(watch_parent=not by_hand):
             main(smk, log)
@@ -96,7 +96,8 @@ def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -
                   exc or "Ctrl-C", time.perf_counter() - start)  # fmt: skip
         logging.shutdown()
         sys.exit(130)
-    log.info("rule %s done in %.1f s, peak RSS %.0f MiB", smk.rule, time.perf_counter() - start, peak_rss_mib())
+    log.info("rule %s done in %.1f s, peak RSS %.0f MiB; %s", smk.rule, time.perf_counter() - start, peak_rss_mib(),
+             timing.job_times(main_started).line())
 
 
 def peak_rss_mib() -> float:
