@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from allfuse.errors import ConfigError, DataError
-from allfuse.metrics import roc_auc
+from allfuse.metrics import resample, roc_auc
 from allfuse.predictions import Predictions, check_aligned
 from allfuse.settings import EvaluationSettings
 from allfuse.uncertainty import as_labels, as_probs, predict_labels
@@ -147,11 +147,6 @@ def _stratum_members(strata: np.ndarray | None, n: int) -> list[np.ndarray]:
     return [np.flatnonzero(codes == c) for c in range(int(codes.max()) + 1)] if n else []
 
 
-def _resample(rng: np.random.Generator, members: Sequence[np.ndarray]) -> np.ndarray:
-    """One bootstrap index set: each stratum drawn with replacement to its own size, in order."""
-    return np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
-
-
 def _diff(statistic: Statistic, y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     """statistic(y, a) - statistic(y, b); NaN when either is undefined."""
     value = float(statistic(y, a)) - float(statistic(y, b))
@@ -195,7 +190,7 @@ def paired_bootstrap_diff(
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(int(n_bootstrap)):
-        idx = _resample(rng, members)
+        idx = resample(rng, members)
         value = _diff(statistic, y[idx], a[idx], b[idx])
         if not math.isnan(value):
             values.append(value)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from allfuse import gpu
+from allfuse import gpu, timing
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,16 @@ class ComputeSession:
 def compute_session(runtime: Runtime) -> Iterator[ComputeSession]:
     """Set the process up for Keras in the one order that works (see the module docstring); the
     GPU slot is held until the block ends."""
-    slot = gpu.acquire_gpu(runtime.gpu_locks)
+    with timing.setup():
+        slot = gpu.acquire_gpu(runtime.gpu_locks)
     try:
-        log.info("device: %s", slot.device)
-        if runtime.keras_home is not None:
-            configure_keras_home(runtime.keras_home)
-        threads = configure_threads(runtime.threads)
-        gpu.enable_memory_growth()
-        enable_determinism(runtime.deterministic)
+        with timing.setup():
+            log.info("device: %s", slot.device)
+            if runtime.keras_home is not None:
+                configure_keras_home(runtime.keras_home)
+            threads = configure_threads(runtime.threads)
+            gpu.enable_memory_growth()
+            enable_determinism(runtime.deterministic)
         yield ComputeSession(slot.device, threads, runtime.deterministic)
     finally:
         slot.release()

@@ -260,9 +260,9 @@ def stage_run(context: StageContext, level: str, name: str, *, dataset: str, syn
     """
     cleanup = [*outputs, *([record] if record is not None else [])]
     with removed_on_failure(cleanup), interrupt_on_sigterm():
-        stage = open_run(context, level, name, dataset=dataset, synthetic=synthetic, inputs=inputs,
-                         tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
-        timing.mark_work()
+        with timing.setup():
+            stage = open_run(context, level, name, dataset=dataset, synthetic=synthetic, inputs=inputs,
+                             tags=tags or {}, parent_run_id=parent_run_id, resume=resume)  # fmt: skip
         try:
             yield stage
             if finish:

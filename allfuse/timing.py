@@ -1,20 +1,23 @@
-"""Where a job's time goes: start-up (from the process's start to its first piece of work), work,
-and CPU time; read by ``benchmarks/bench_demo.py`` from each rule's log.
+"""Where a job's time goes: start-up and work, and CPU time; written by each rule's adapter in
+the last line of its log (``workflow_scripts/_common.run_rule``) and read from there by
+``benchmarks/bench_demo.py``.
 
-Start-up is what a job pays before it does anything the rule exists for: the interpreter and
-Snakemake's script preamble, imports (TensorFlow, MLflow), the compute session, and opening the
-job's MLflow run. The library marks the first moment of work (:func:`mark_work`, called when a
-stage's run is open and its block begins); a job that never marks it starts work when its
-adapter's ``main`` is called.
+Start-up is what a job pays before and around its work, not for it: the interpreter, Snakemake's
+script preamble and the adapter's imports (until the adapter's ``main`` is called), then each
+set-up the library times with :func:`setup`: a compute session (``allfuse.session``: GPU slot,
+TensorFlow's import and thread pools) and opening a stage's MLflow run (``allfuse.stages``:
+MLflow's import, the store, the run). Work is the rest, until the process ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-_work_start: float | None = None
+_setup_seconds = 0.0
 
 
 def process_start() -> float | None:
@@ -30,22 +33,26 @@ def process_start() -> float | None:
     return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def mark_work() -> None:
-    """The job's work begins now (the first call counts; later ones change nothing)."""
-    global _work_start
-    if _work_start is None:
-        _work_start = time.time()
+@contextlib.contextmanager
+def setup() -> Iterator[None]:
+    """Count the block's wall time as start-up (it may run more than once in a job)."""
+    global _setup_seconds
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        _setup_seconds += time.perf_counter() - began
 
 
-def work_started() -> float | None:
-    """When :func:`mark_work` was first called (Unix time), None before."""
-    return _work_start
+def setup_seconds() -> float:
+    """Start-up seconds counted by :func:`setup` so far in this process."""
+    return _setup_seconds
 
 
 @dataclass(frozen=True)
 class JobTimes:
-    """A finished job's times in seconds: from process start to now (``total``), the part before
-    its work (``startup``), and the CPU time of the process and its waited-for children."""
+    """A finished job's times in seconds: from process start to now (``total``), its start-up,
+    and the CPU time of the process and its waited-for children."""
 
     total: float
     startup: float
@@ -57,11 +64,10 @@ class JobTimes:
 
 
 def job_times(main_started: float) -> JobTimes:
-    """The job's times now; ``main_started`` (Unix time) is the work's start when none was marked."""
+    """The job's times now; ``main_started`` is when the adapter's ``main`` was called (Unix time)."""
     now = time.time()
     begun = process_start()
     begun = main_started if begun is None else min(begun, main_started)
-    work = _work_start if _work_start is not None else main_started
     t = os.times()
-    return JobTimes(total=now - begun, startup=max(0.0, work - begun),
+    return JobTimes(total=now - begun, startup=min(now - begun, main_started - begun + _setup_seconds),
                     cpu=t.user + t.system + t.children_user + t.children_system)  # fmt: skip

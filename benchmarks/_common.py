@@ -16,6 +16,7 @@ import csv
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -270,6 +271,7 @@ class WorkflowRun:
     workdir: Path
     output: Path
     wall_s: float = float("nan")
+    cpu_s: float = float("nan")  # user + system time of Snakemake and every job
     code: int = -1
     timed_out: bool = False
 
@@ -286,7 +288,7 @@ def run_workflow(workdir: Path, args: Sequence[str], output: Path, timeout: floa
     """
     run = WorkflowRun(workdir, output)
     with open(output, "w") as fh:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), _children_cpu()
         # Its own process group: a timeout stops Snakemake and its jobs only.
         proc = subprocess.Popen([SNAKEMAKE, *args], cwd=workdir, env=snakemake_env(workdir), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -300,8 +302,14 @@ def run_workflow(workdir: Path, args: Sequence[str], output: Path, timeout: floa
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 run.code = proc.wait()
-        run.wall_s = time.perf_counter() - start
+        run.wall_s, run.cpu_s = time.perf_counter() - start, _children_cpu() - cpu0
     return run
+
+
+def _children_cpu() -> float:
+    """User + system seconds of this process's finished children and their waited-for descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_in_copy(
@@ -317,7 +325,8 @@ def run_in_copy(
     print(f"running `snakemake {' '.join(cmd)}` in {workdir} (output: {output}) ...", flush=True)
     run = run_workflow(workdir, cmd, output, timeout=args.timeout)
     status = "stopped at the timeout" if run.timed_out else f"exit status {run.code}"
-    print(f"snakemake finished in {fmt(run.wall_s, 0)} s ({status})")
+    print(f"snakemake finished in {fmt(run.wall_s, 0)} s ({status}); CPU (user + system, every job): "
+          f"{fmt(run.cpu_s, 0)} s")  # fmt: skip
     if not run.clean and not run.timed_out:
         print(output.read_text()[-3000:])
     return run
@@ -522,6 +531,68 @@ def log_rule_table(runs: Sequence[LogRun]) -> str:
         for rule, secs in sorted(merged_secs.items(), key=lambda kv: -sum(kv[1]))
     ]
     return markdown_table(("rule", "jobs", "wall s (sum, from log)", "wall s (max, from log)"), rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each job's time went: the rule logs (workflow_scripts/_common.run_rule, allfuse.timing)
+# ---------------------------------------------------------------------------------------------
+
+_JOB_TIMES_RE = re.compile(r"rule (\w+) done in .*; job ([\d.]+) s from process start: start-up ([\d.]+) s, "
+                           r"work ([\d.]+) s, cpu ([\d.]+) s")  # fmt: skip
+
+
+@dataclass
+class JobTimes:
+    """One finished job as its log's last line tells it (seconds)."""
+
+    rule: str
+    total: float
+    startup: float
+    work: float
+    cpu: float
+
+
+def read_job_times(workdir: Path, logs: str = "logs") -> list[JobTimes]:
+    """The "job ... from process start" line of every rule log under ``workdir/logs`` (the last
+    one of each log: a rerun job overwrites its log)."""
+    out = []
+    for path in sorted((workdir / logs).rglob("*.log")):
+        found = _JOB_TIMES_RE.findall(path.read_text(errors="replace"))
+        if found:
+            rule, *numbers = found[-1]
+            out.append(JobTimes(rule, *(float(n) for n in numbers)))
+    return out
+
+
+def startup_table(jobs: Sequence[JobTimes]) -> str:
+    """Per rule and in total: jobs, job seconds, start-up seconds and share, work and CPU seconds."""
+    rules: dict[str, list[JobTimes]] = {}
+    for job in jobs:
+        rules.setdefault(job.rule, []).append(job)
+    rows = []
+    groups = sorted(rules.items(), key=lambda kv: -sum(j.total for j in kv[1]))
+    for rule, recs in [*groups, ("**all jobs**", list(jobs))]:
+        total, startup = sum(j.total for j in recs), sum(j.startup for j in recs)
+        rows.append((rule, len(recs), fmt(total, 0), fmt(startup, 0), f"{100 * startup / total:.0f} %" if total else "n/a",
+                     fmt(startup / len(recs), 1), fmt(sum(j.work for j in recs), 0), fmt(sum(j.cpu for j in recs), 0)))  # fmt: skip
+    headers = ("rule", "jobs", "job s (sum)", "start-up s (sum)", "start-up share", "start-up s per job", "work s (sum)",
+               "CPU s (sum)")  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+def print_startup(workdir: Path) -> list[JobTimes]:
+    """The start-up table of the jobs whose logs say where their time went."""
+    jobs = read_job_times(workdir)
+    print(f"\n### Start-up vs work per rule, from the rule logs ({len(jobs)} jobs)\n")
+    if not jobs:
+        print("no rule log with job times found")
+        return jobs
+    print("Start-up (allfuse.timing): the job's process start until its adapter's main (interpreter, Snakemake's\n"
+          "script preamble, imports), plus its compute session's set-up (TensorFlow's import and threads) and\n"
+          "opening its MLflow run (MLflow's import, the store). Work: the rest. Jobs run side by side: their\n"
+          "seconds overlap.\n")  # fmt: skip
+    print(startup_table(jobs))
+    return jobs
 
 
 # ---------------------------------------------------------------------------------------------

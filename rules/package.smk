@@ -37,7 +37,9 @@ rule package_model:
         f"{JOBSTATS}/models/{{dataset}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    # Two, not the training rules' four: the three datasets' packages run side by side at the DAG's
+    # end, where nothing else is left to run (with four, the third waited for a free share).
+    threads: 2
     resources:
         gpu=GPU,
         mem_mb=package_memory,
