@@ -140,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     config = smoke_config() if args.smoke else None
     run = run_in_copy(args, shlex.split(args.snakemake_args), config, "demo")
     ok = print_run_summary(run.workdir, run.wall_s, WALL_TARGET_S, RSS_TARGET_GB, finished=run.clean)
-    print_startup(run.workdir)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    print(f"\nCPU time of Snakemake and every job: {fmt(run.cpu_s, 0)} s over {fmt(run.wall_s, 0)} s on {cores} cores: "
+          f"the cores were {fmt(100 * run.cpu_s / (run.wall_s * cores), 0)} % busy.")  # fmt: skip
+    jobs = print_startup(run.workdir)
+    if jobs:
+        job_cpu = sum(j.cpu for j in jobs)
+        print(f"\nCPU time of the jobs until their last log line: {fmt(job_cpu, 0)} s; the rest, "
+              f"{fmt(run.cpu_s - job_cpu, 0)} s, is Snakemake itself and the jobs' process exits (about 0.8 s "
+              "for a process that imported TensorFlow).")  # fmt: skip
     if run.clean and not args.no_yardstick:
         ok &= compare_with_yardstick(run.workdir, run.wall_s, run.cpu_s)
     finish_copy(run, args.keep)

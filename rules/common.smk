@@ -261,6 +261,18 @@ def fold_of(wildcards):
     return int(wildcards.fold)
 
 
+def keras_threads(wildcards):
+    """Threads of a Keras job (features, studies, members): on a cluster, the 4 cores it asks its
+    scheduler for; on this host, 2 of `--cores`, so the default profile's `--cores 8` runs four
+    side by side. On a small host they are single-threaded either way (`tf_threads`), and the
+    third and fourth keep the cores busy while the others start up (imports), wait on the MLflow
+    store or the disk, and while the DAG's last members finish: the demo took 545 s with four at
+    once on 2 cores, 596 s with two (README, "Performance"). A GPU host still runs one at a time
+    per card (`--resources gpu=1`).
+    """
+    return 4 if workflow.remote_exec or not workflow.local_exec else 2
+
+
 def tf_threads(wildcards, threads):
     """Resource `tf_threads`: the TensorFlow threads of a compute job, its share of this host
     (allfuse.gpu.thread_share); a resource, not a param, so it never triggers a rerun. A job

@@ -17,7 +17,7 @@ rule extract_features:
         f"{JOBSTATS}/features/{{dataset}}/fold{{fold}}/{{backbone}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: keras_threads
     resources:
         gpu=GPU,
         mem_mb=memory_of("features"),

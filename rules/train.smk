@@ -21,7 +21,7 @@ rule train_member:
         f"{JOBSTATS}/members/{{dataset}}/fold{{fold}}/{{backbone}}/seed{{seed}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: keras_threads
     resources:
         gpu=GPU,
         mem_mb=memory_of("member"),

@@ -21,7 +21,7 @@ rule tune_backbone:
         f"{JOBSTATS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: keras_threads
     resources:
         gpu=GPU,
         mem_mb=memory_of("study"),

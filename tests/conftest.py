@@ -48,6 +48,13 @@ LONG_FILES = ("test_end_to_end.py", "test_benchmarks.py", "test_slurm.py", "test
               "test_faults.py", "test_tracking_server.py")  # fmt: skip
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts, capped by --maxprocesses): one worker more than this
+    process's cores. With one per core, a quarter of the cores sat idle (CI, 2 cores: 1.5 busy)
+    while workers waited on servers starting, jobs being killed and Snakemake's polls."""
+    return len(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(config, items):
     """Long files first (LONG_FILES order), then the rest as collected; order within a file kept."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import os
 import re
@@ -319,14 +318,25 @@ DAMAGES = ("truncated", "garbage")
 
 
 def damage(path: Path, how: str) -> None:
+    """Replace ``path`` by a damaged file (a new file: the copy's other name for it stays intact)."""
     data = path.read_bytes()
+    path.unlink()
     path.write_bytes(data[: len(data) // 2] if how == "truncated" else np.random.default_rng(7).bytes(max(len(data), 64)))
 
 
-def digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under results/ (the MLflow store aside: readers never open it)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "results").rglob("*")) if p.is_file() and "mlflow/" not in str(p)}  # fmt: skip
+def digests(root: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime in ns) of every file under results/ (the MLflow store aside: readers
+    never open it): a file written in place, or replaced, or removed, changes its entry."""
+    return {str(p.relative_to(root)): (st.st_ino, st.st_size, st.st_mtime_ns)
+            for p in sorted((root / "results").rglob("*")) if p.is_file() and "mlflow/" not in str(p)
+            for st in (p.stat(),)}  # fmt: skip
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
 
 
 @pytest.fixture(scope="module")
@@ -340,9 +350,16 @@ def damaged_copy(finished, tmp_path, monkeypatch):
     """``damaged_copy(path, how)``: a copy of the finished tree (store.json pointing at the copy's
     own MLflow store), one file damaged; the process works in it. Returns (copy, digests before)."""
 
-    def make(rel: str, how: str) -> tuple[Path, dict[str, str]]:
+    def make(rel: str, how: str) -> tuple[Path, dict[str, tuple[int, int, int]]]:
         root = tmp_path / "tree"
-        shutil.copytree(finished, root, ignore=shutil.ignore_patterns(".snakemake"))
+        # Results as hard links (a copy of the tree per case cost seconds each): readers write
+        # nothing, which the test checks, and the damaged file is replaced, not written through.
+        # The MLflow store and the logs are copied: an adapter run by hand writes its log.
+        shutil.copytree(finished, root, ignore=shutil.ignore_patterns(".snakemake", "mlflow", "logs"),
+                        copy_function=_link_or_copy)  # fmt: skip
+        shutil.copytree(finished / "results/mlflow", root / "results/mlflow")
+        if (finished / "logs").is_dir():
+            shutil.copytree(finished / "logs", root / "logs")
         store = root / "results/mlflow/store.json"
         info = json.loads(store.read_text())
         info["uri"] = tracking.resolve_uri(None, root / "results/mlflow")
