@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,11 +45,6 @@ def setup() -> Iterator[None]:
         _setup_seconds += time.perf_counter() - began
 
 
-def setup_seconds() -> float:
-    """Start-up seconds counted by :func:`setup` so far in this process."""
-    return _setup_seconds
-
-
 @dataclass(frozen=True)
 class JobTimes:
     """A finished job's times in seconds: from process start to now (``total``), its start-up,
@@ -58,9 +54,23 @@ class JobTimes:
     startup: float
     cpu: float
 
+    @property
+    def work(self) -> float:
+        return self.total - self.startup
+
     def line(self) -> str:
+        """The job's log line (read back by :meth:`parse`)."""
         return f"job {self.total:.1f} s from process start: start-up {self.startup:.1f} s, " \
-               f"work {self.total - self.startup:.1f} s, cpu {self.cpu:.1f} s"  # fmt: skip
+               f"work {self.work:.1f} s, cpu {self.cpu:.1f} s"  # fmt: skip
+
+    @classmethod
+    def parse(cls, text: str) -> JobTimes | None:
+        """The times of the last :meth:`line` in ``text`` (a job's log), None when it has none."""
+        found = _LINE_RE.findall(text)
+        return cls(*(float(v) for v in found[-1])) if found else None
+
+
+_LINE_RE = re.compile(r"job ([\d.]+) s from process start: start-up ([\d.]+) s, work [\d.]+ s, cpu ([\d.]+) s")
 
 
 def job_times(main_started: float) -> JobTimes:

@@ -288,7 +288,7 @@ def run_workflow(workdir: Path, args: Sequence[str], output: Path, timeout: floa
     """
     run = WorkflowRun(workdir, output)
     with open(output, "w") as fh:
-        start, cpu0 = time.perf_counter(), _children_cpu()
+        start, cpu0 = time.perf_counter(), children_cpu()
         # Its own process group: a timeout stops Snakemake and its jobs only.
         proc = subprocess.Popen([SNAKEMAKE, *args], cwd=workdir, env=snakemake_env(workdir), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -302,11 +302,11 @@ def run_workflow(workdir: Path, args: Sequence[str], output: Path, timeout: floa
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 run.code = proc.wait()
-        run.wall_s, run.cpu_s = time.perf_counter() - start, _children_cpu() - cpu0
+        run.wall_s, run.cpu_s = time.perf_counter() - start, children_cpu() - cpu0
     return run
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
     """User + system seconds of this process's finished children and their waited-for descendants."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -537,41 +537,39 @@ def log_rule_table(runs: Sequence[LogRun]) -> str:
 # Where each job's time went: the rule logs (workflow_scripts/_common.run_rule, allfuse.timing)
 # ---------------------------------------------------------------------------------------------
 
-_JOB_TIMES_RE = re.compile(r"rule (\w+) done in .*; job ([\d.]+) s from process start: start-up ([\d.]+) s, "
-                           r"work ([\d.]+) s, cpu ([\d.]+) s")  # fmt: skip
+_RULE_DONE_RE = re.compile(r"rule (\w+) done in ")
 
 
 @dataclass
-class JobTimes:
-    """One finished job as its log's last line tells it (seconds)."""
+class RuleJob:
+    """One finished job of a rule, with its times (``allfuse.timing.JobTimes``, from its log)."""
 
     rule: str
-    total: float
-    startup: float
-    work: float
-    cpu: float
+    times: Any
 
 
-def read_job_times(workdir: Path, logs: str = "logs") -> list[JobTimes]:
-    """The "job ... from process start" line of every rule log under ``workdir/logs`` (the last
-    one of each log: a rerun job overwrites its log)."""
+def read_job_times(workdir: Path, logs: str = "logs") -> list[RuleJob]:
+    """The job times of every rule log under ``workdir/logs`` (the last line of each log: a rerun
+    job overwrites its log)."""
+    from allfuse.timing import JobTimes
+
     out = []
     for path in sorted((workdir / logs).rglob("*.log")):
-        found = _JOB_TIMES_RE.findall(path.read_text(errors="replace"))
-        if found:
-            rule, *numbers = found[-1]
-            out.append(JobTimes(rule, *(float(n) for n in numbers)))
+        text = path.read_text(errors="replace")
+        times, rules = JobTimes.parse(text), _RULE_DONE_RE.findall(text)
+        if times is not None and rules:
+            out.append(RuleJob(rules[-1], times))
     return out
 
 
-def startup_table(jobs: Sequence[JobTimes]) -> str:
+def startup_table(jobs: Sequence[RuleJob]) -> str:
     """Per rule and in total: jobs, job seconds, start-up seconds and share, work and CPU seconds."""
-    rules: dict[str, list[JobTimes]] = {}
+    rules: dict[str, list[Any]] = {}
     for job in jobs:
-        rules.setdefault(job.rule, []).append(job)
+        rules.setdefault(job.rule, []).append(job.times)
     rows = []
     groups = sorted(rules.items(), key=lambda kv: -sum(j.total for j in kv[1]))
-    for rule, recs in [*groups, ("**all jobs**", list(jobs))]:
+    for rule, recs in [*groups, ("**all jobs**", [job.times for job in jobs])]:
         total, startup = sum(j.total for j in recs), sum(j.startup for j in recs)
         rows.append((rule, len(recs), fmt(total, 0), fmt(startup, 0), f"{100 * startup / total:.0f} %" if total else "n/a",
                      fmt(startup / len(recs), 1), fmt(sum(j.work for j in recs), 0), fmt(sum(j.cpu for j in recs), 0)))  # fmt: skip
@@ -580,7 +578,7 @@ def startup_table(jobs: Sequence[JobTimes]) -> str:
     return markdown_table(headers, rows)
 
 
-def print_startup(workdir: Path) -> list[JobTimes]:
+def print_startup(workdir: Path) -> list[RuleJob]:
     """The start-up table of the jobs whose logs say where their time went."""
     jobs = read_job_times(workdir)
     print(f"\n### Start-up vs work per rule, from the rule logs ({len(jobs)} jobs)\n")

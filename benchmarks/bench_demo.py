@@ -46,6 +46,7 @@ from pathlib import Path
 
 from _common import (
     add_run_options,
+    children_cpu,
     finish_copy,
     fmt,
     jobstats_dir,
@@ -58,6 +59,7 @@ from _common import (
     run_in_copy,
     run_logs,
     smoke_config,
+    snakemake_env,
 )
 
 WALL_TARGET_S = 600.0
@@ -93,15 +95,11 @@ def summary_only(args) -> int:
 
 def run_yardstick(workdir: Path) -> tuple[float, float, dict]:
     """Run benchmarks/yardstick.py on the finished DAG in workdir: (wall s, CPU s, its report)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(workdir), os.environ.get("PYTHONPATH")]))}
     print(f"\nrunning the yardstick ({YARDSTICK.name}) on the finished run ...", flush=True)
-    before = os.times()
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, str(YARDSTICK), str(workdir)], cwd=workdir, env=env, capture_output=True,
-                         text=True)  # fmt: skip
-    wall = time.perf_counter() - start
-    after = os.times()
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    start, cpu0 = time.perf_counter(), children_cpu()
+    out = subprocess.run([sys.executable, str(YARDSTICK), str(workdir)], cwd=workdir, env=snakemake_env(workdir),
+                         capture_output=True, text=True)  # fmt: skip
+    wall, cpu = time.perf_counter() - start, children_cpu() - cpu0
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("YARDSTICK ")), None)
     if out.returncode != 0 or line is None:
         raise SystemExit(f"the yardstick failed (exit status {out.returncode}):\n{out.stderr[-3000:]}")
@@ -140,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     config = smoke_config() if args.smoke else None
     run = run_in_copy(args, shlex.split(args.snakemake_args), config, "demo")
     ok = print_run_summary(run.workdir, run.wall_s, WALL_TARGET_S, RSS_TARGET_GB, finished=run.clean)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from allfuse.gpu import host_cores
+
+    cores = host_cores()
     print(f"\nCPU time of Snakemake and every job: {fmt(run.cpu_s, 0)} s over {fmt(run.wall_s, 0)} s on {cores} cores: "
           f"the cores were {fmt(100 * run.cpu_s / (run.wall_s * cores), 0)} % busy.")  # fmt: skip
     jobs = print_startup(run.workdir)
     if jobs:
-        job_cpu = sum(j.cpu for j in jobs)
+        job_cpu = sum(j.times.cpu for j in jobs)
         print(f"\nCPU time of the jobs until their last log line: {fmt(job_cpu, 0)} s; the rest, "
               f"{fmt(run.cpu_s - job_cpu, 0)} s, is Snakemake itself and the jobs' process exits (about 0.8 s "
               "for a process that imported TensorFlow).")  # fmt: skip

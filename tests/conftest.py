@@ -52,7 +52,9 @@ def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts, capped by --maxprocesses): one worker more than this
     process's cores. With one per core, a quarter of the cores sat idle (CI, 2 cores: 1.5 busy)
     while workers waited on servers starting, jobs being killed and Snakemake's polls."""
-    return len(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 1
+    from allfuse.gpu import host_cores
+
+    return host_cores() + 1
 
 
 def pytest_collection_modifyitems(config, items):

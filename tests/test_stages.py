@@ -302,3 +302,19 @@ def test_compute_session_sets_keras_home_threads_and_determinism_in_order(tmp_pa
     device, threads, deterministic, home, intra, enabled = out.stdout.split()
     assert (device, threads, deterministic) == ("cpu", "1", "True")
     assert home == str(tmp_path.resolve() / ".keras") and intra == "1" and enabled == "True"
+
+
+def test_job_times_line_reads_back_and_counts_setup_as_start_up():
+    import time
+
+    from allfuse import timing
+
+    before = timing.job_times(time.time())
+    with timing.setup():
+        time.sleep(0.05)
+    after = timing.job_times(time.time())
+    assert after.startup >= before.startup + 0.04 and after.total >= after.startup
+    log = f"... INFO allfuse: rule x done in 1.0 s, peak RSS 9 MiB; {before.line()}\n... {after.line()}\n"
+    parsed = timing.JobTimes.parse(log)
+    assert parsed is not None and abs(parsed.total - after.total) < 0.06 and abs(parsed.cpu - after.cpu) < 0.06
+    assert timing.JobTimes.parse("no times here") is None
