@@ -98,6 +98,26 @@ def run_rule(main: Callable[[Any, logging.Logger], None], smk: Any, rule: str) -
         sys.exit(130)
     log.info("rule %s done in %.1f s, peak RSS %.0f MiB; %s", smk.rule, time.perf_counter() - start, peak_rss_mib(),
              timing.job_times(main_started).line())
+    if not by_hand:
+        exit_now()
+
+
+def exit_now(code: int = 0) -> None:
+    """End a finished job's process at once: logs and streams flushed, then ``os._exit``.
+
+    Every output is complete by now (written whole, then renamed: ``allfuse.files``) and every
+    MLflow run ended, so nothing is left for the interpreter's teardown to do but to tear down the
+    modules: with TensorFlow loaded that alone cost 1.5-2 s of CPU per job (measured with
+    ``/usr/bin/time`` on a Keras fit with and without this), about a minute over the demo's
+    48 TensorFlow jobs. Only a job that succeeded leaves this way; failures exit as usual.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def peak_rss_mib() -> float:
