@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if jobs:
         job_cpu = sum(j.times.cpu for j in jobs)
         print(f"\nCPU time of the jobs until their last log line: {fmt(job_cpu, 0)} s; the rest, "
-              f"{fmt(run.cpu_s - job_cpu, 0)} s, is Snakemake itself and the jobs' process exits (about 0.8 s "
-              "for a process that imported TensorFlow).")  # fmt: skip
+              f"{fmt(run.cpu_s - job_cpu, 0)} s, is Snakemake itself and the processes' start before Python "
+              "and their ends (a finished job ends with os._exit: workflow_scripts/_common.exit_now).")  # fmt: skip
     if run.clean and not args.no_yardstick:
         ok &= compare_with_yardstick(run.workdir, run.wall_s, run.cpu_s)
     finish_copy(run, args.keep)

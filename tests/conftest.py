@@ -13,6 +13,8 @@
   fresh experiment in it (a StoreInfo).
 - ``smk``: run the repository's Snakefile on a working directory (``run``, ``run_checked``,
   ``scheduled``), parse its job counts, and ``smk.micro()``: a copy of the micro end-to-end config.
+- ``smoke_run``: ``smoke_run(script, headers)`` runs ``benchmarks/<script> --smoke`` and checks
+  it exits 0 and prints its tables (tests/test_benchmarks*.py).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ SIZES = {"ALL_IDB1": (40, 30), "ALL_IDB2": (24, 24)}
 #: are collected first, so pytest-xdist's workers (``--dist loadfile`` hands out files in
 #: collection order as workers free up) start them at once and fill in with the short files,
 #: instead of meeting two long files one after the other at the end.
-LONG_FILES = ("test_end_to_end.py", "test_benchmarks.py", "test_slurm.py", "test_end_to_end_kfold.py",
-              "test_faults.py", "test_tracking_server.py")  # fmt: skip
+LONG_FILES = ("test_end_to_end.py", "test_faults.py", "test_end_to_end_kfold.py", "test_slurm.py",
+              "test_benchmarks_workflow.py", "test_benchmarks.py", "test_tracking_server.py")  # fmt: skip
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -585,3 +587,34 @@ def finished_tree(tmp_path_factory) -> PredictionTree:
 def new_tree(tmp_path):
     """``new_tree(subfolder)``: an empty PredictionTree class instance (call ``.make(...)`` yourself)."""
     return lambda sub="tree": PredictionTree(tmp_path / sub)
+
+
+#: Benchmark scripts whose smoke run must say it ran on the CPU when there is no GPU.
+SAYS_DEVICE = ("gpu_check.py", "bench_paper_gpu.py")
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    """``smoke_run(script, headers)``: run ``benchmarks/<script> --smoke`` from the repository root
+    as a user runs it (no GPU claimed by workflow jobs) and check it exits 0, says SMOKE RUN and
+    prints a table line starting with each of ``headers`` (a string or several); the scripts that
+    pick a device must say they ran on the CPU when there is no GPU."""
+
+    def run(script: str, headers: str | tuple[str, ...]) -> subprocess.CompletedProcess:
+        import sys
+
+        env = {**os.environ, "ALLFUSE_GPU_JOBS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        out = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, f"{script} --smoke exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+        lines = out.stdout.splitlines()
+        for head in (headers,) if isinstance(headers, str) else headers:
+            assert any(line.startswith(head) for line in lines), f"{script} printed no table headed {head!r}:\n{out.stdout}"
+        assert "SMOKE RUN" in out.stdout
+        if script in SAYS_DEVICE:
+            from allfuse.gpu import count_gpus
+
+            assert count_gpus() > 0 or "the CPU" in out.stdout, f"{script} --smoke did not say it ran on the CPU"
+        return out
+
+    return run
