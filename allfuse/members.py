@@ -73,7 +73,7 @@ class MemberJob:
 def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | None) -> HybridSettings:
     """Config settings, overridden by the study's best parameters when a study was run.
 
-    best_params_path: the study's best_params.json (collect_study: {"params": {name: value}, ...}) or None.
+    best_params_path: the study's best_params.json (``allfuse.tuning.collect_study``: {"params": {name: value}, ...}) or None.
     Raises AllfuseError for an unreadable file or a key the study may not tune.
     """
     return settings.with_params(read_best_params(best_params_path)) if best_params_path else settings
@@ -81,7 +81,7 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
 
 def read_best_params(best_params_path: str) -> dict[str, Any]:
     """The tuned values of a study's best_params.json, checked to be tunable keys."""
-    rule = "collect_study"
+    rule = "tune_backbone (collect_study where tune.workers > 1)"
     params = read_record(best_params_path, rule).get("params")
     if not isinstance(params, dict):
         raise IntermediateError(best_params_path, rule, "no 'params' mapping")

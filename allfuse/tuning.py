@@ -5,12 +5,14 @@ scores it on the VALIDATION split (``tune.objective``) and stops unpromising tri
 median pruner fed the per-epoch validation metric. The test split is never loaded: the data layer
 (``allfuse.training_data``) is asked for the train and val subsets only.
 
-``tune`` is what the workflow's ``tune_backbone`` rule calls, once per worker: ``tune.workers``
-jobs (each its own GPU job) share the study and run its trials until it holds ``tune.n_trials``
-finished ones in total. ``collect_study`` (rule ``collect_study``, after every worker) writes
-``best_params.json``, which every ensemble member of that backbone reads
-(``allfuse.members.resolve_hyperparameters``), and ``trials.csv``. With one worker the trials run
-one after another exactly as a single process would run them.
+``tune`` is what the workflow's tuning jobs call, once per worker: ``tune.workers`` jobs (rule
+``tune_worker``, each its own GPU job) share the study and run its trials until it holds
+``tune.n_trials`` finished ones in total. ``collect_study`` (rule ``collect_study``, after every
+worker) writes ``best_params.json``, which every ensemble member of that backbone reads
+(``allfuse.members.resolve_hyperparameters``), and ``trials.csv``. A one-worker study (the
+default) is one job, rule ``tune_backbone``: ``tune``, then ``collect_study``
+(``CollectJob.after``) in the same process; its trials run one after another exactly as a single
+process would run them.
 
 The sampler's settings are pinned (``TPE_PINNED``) and recorded in the study, the MLflow study
 run and best_params.json; each worker's sampler has its own seed (``worker_seed``), recorded on
@@ -136,6 +138,15 @@ class CollectJob:
     @property
     def place(self) -> StudyPlace:
         return StudyPlace(self.name, Path(self.out_best).parent, self.tune.storage)
+
+    @classmethod
+    def after(cls, worker: TuneJob, out_best: str, out_trials: str) -> CollectJob:
+        """The collecting step of a one-worker study, run by that worker's job once its trials
+        are done (rule ``tune_backbone``: one process, where two jobs each started TensorFlow or
+        MLflow for it)."""
+        return cls(dataset=worker.dataset, backbone=worker.backbone, tune=worker.tune, split=worker.split,
+                   workers=[worker.out_record], out_best=out_best, out_trials=out_trials, context=worker.context,
+                   fold=worker.fold)  # fmt: skip
 
 
 def suggest(trial: optuna.trial.BaseTrial, specs: Sequence[ParamSpec]) -> dict[str, Any]:
@@ -339,7 +350,7 @@ def collect_study(job: CollectJob) -> dict[str, Any]:
         try:
             study = optuna.load_study(study_name=job.name, storage=storage)
         except KeyError:
-            raise AllfuseError(f"no study {job.name} in {job.place.label}: run its tune_backbone workers first") from None
+            raise AllfuseError(f"no study {job.name} in {job.place.label}: run its tuning workers first") from None
         settings_hash = str(study.user_attrs.get(studies.HASH_ATTR, ""))
         inputs = {f"worker{i}": path for i, path in enumerate(job.workers)} | {"split": job.split}
         with stage_run(job.context, "study", f"study-{job.name}", dataset=job.dataset,

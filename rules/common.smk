@@ -239,11 +239,21 @@ def tuning_data(wildcards):
 
 
 def worker_of(wildcards):
-    return int(wildcards.worker)
+    """The study worker a tuning job is: its `worker` wildcard (tune_worker); tune_backbone, a
+    one-worker study's job, is worker 0."""
+    return int(getattr(wildcards, "worker", 0))
+
+
+def study_backbones(several):
+    """The backbones whose studies run as one job (`several` False: tune_backbone runs the study
+    and writes its tables) or as tune.workers jobs and a collecting one (True: tune_worker, then
+    collect_study), as a wildcard constraint (matching nothing when there are none)."""
+    names = [b for b in BACKBONES if (S.study(b).workers > 1) == several]
+    return "|".join(names) or "(?!)"
 
 
 def study_workers(wildcards):
-    """The records of a study's tune.workers tuning jobs, which collect_study waits for."""
+    """The records of a study's tune.workers tune_worker jobs, which collect_study waits for."""
     w = wildcards
     folder = f"{RESULTS}/tune/{w.dataset}/fold{w.fold}/{w.backbone}"
     return [f"{folder}/worker{i}.json" for i in range(S.study(w.backbone).workers)]
@@ -294,7 +304,7 @@ def tf_threads(wildcards, threads):
 
 KERAS_RULES = {
     "features": "extract_features",
-    "study": "tune_backbone",
+    "study": "tune_backbone",  # tune_worker: the same job shape, one worker of a study
     "member": "train_member",
 }
 

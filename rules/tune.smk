@@ -1,10 +1,12 @@
 # Bayesian optimisation: one Optuna study per (dataset, fold, backbone) on validation data only.
-# tune.workers jobs share each study (every worker its own GPU job) and together run it to
-# exactly tune.n_trials finished trials; collect_study then writes its tables. The study lives in
-# study.journal next to the outputs (or in the tune.storage database); it is mutated in place
-# (resumable), so it is not a declared output. A rerun after a crash or kill tops the study up; a
-# change of its search space, settings or data sets the old one aside (study.<hash>.journal.bak)
-# and starts afresh. Watch it live:
+# A study with one worker (tune.workers: 1, the default) is one job, tune_backbone: it runs the
+# study's trials, then writes its tables (best_params.json, trials.csv) in the same process. With
+# tune.workers: N, N tune_worker jobs share the study (every worker its own GPU job) and together
+# run it to exactly tune.n_trials finished trials; collect_study then writes its tables. The
+# study lives in study.journal next to the outputs (or in the tune.storage database); it is
+# mutated in place (resumable), so it is not a declared output. A rerun after a crash or kill
+# tops the study up; a change of its search space, settings or data sets the old one aside
+# (study.<hash>.journal.bak) and starts afresh. Watch it live:
 # optuna-dashboard results/tune/<dataset>/fold<fold>/<backbone>/study.journal
 
 
@@ -14,11 +16,15 @@ rule tune_backbone:
         split=f"{RESULTS}/splits/{{dataset}}.json",
         store=ancient(STORE),
     output:
-        record=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.json",
+        record=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker0.json",
+        best=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/best_params.json",
+        trials=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/trials.csv",
     log:
-        f"{LOGS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.log",
+        f"{LOGS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker0.log",
     benchmark:
-        f"{JOBSTATS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.tsv"
+        f"{JOBSTATS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker0.tsv"
+    wildcard_constraints:
+        backbone=study_backbones(several=False),
     conda:
         "../envs/train.yaml"
     threads: keras_threads
@@ -38,6 +44,18 @@ rule tune_backbone:
         f"{SCRIPTS}/tune_backbone.py"
 
 
+# One worker of a study of tune.workers > 1 workers: the same job, writing only its record.
+use rule tune_backbone as tune_worker with:
+    output:
+        record=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.json",
+    log:
+        f"{LOGS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.log",
+    benchmark:
+        f"{JOBSTATS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/worker{{worker}}.tsv"
+    wildcard_constraints:
+        backbone=study_backbones(several=True),
+
+
 rule collect_study:
     input:
         workers=study_workers,
@@ -48,6 +66,8 @@ rule collect_study:
         trials=f"{RESULTS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/trials.csv",
     log:
         f"{LOGS}/tune/{{dataset}}/fold{{fold}}/{{backbone}}/collect_study.log",
+    wildcard_constraints:
+        backbone=study_backbones(several=True),
     conda:
         "../envs/train.yaml"
     threads: 1

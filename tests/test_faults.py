@@ -259,7 +259,7 @@ CASES = {
     **{f"{FEATURES}/{s}.npz": "extract_features" for s in ("train", "val", "test")},
     "results/mlflow/store.json": "init_tracking",
     f"{M}/parent_run.json": "init_tracking",
-    TUNE_OUT[0]: "collect_study",
+    TUNE_OUT[0]: "tune_backbone",
     f"{M}/seed1/run.json": "train_member",
     f"{M}/seed1/predictions.csv": "train_member",
     f"{M}/seed1/model.keras": "train_member",
@@ -311,7 +311,7 @@ def _readers() -> dict[str, list[Callable[[str], object]]]:
 
 
 #: Read by a rule but never parsed: figures, which evaluate logs to MLflow as they are, a study
-#: worker's record, which collect_study only hashes (it reads the study itself), and the
+#: worker's record, which the collecting step only hashes (it reads the study itself), and the
 #: packaged predictor's record, a target of rule all.
 NOT_PARSED = re.compile(r"results/plots/.*\.png$|results/tune/.*/worker\d+\.json$|results/models/.*/registered\.json$")
 DAMAGES = ("truncated", "garbage")

@@ -400,7 +400,7 @@ def test_bad_best_params_are_clear_errors(tmp_path, content, message, hybrid):
     best.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(AllfuseError, match=message) as err:
         members.resolve_hyperparameters(hybrid(), str(best))
-    assert str(best) in str(err.value) and "rerun rule collect_study" in str(err.value)
+    assert str(best) in str(err.value) and "rerun rule tune_backbone" in str(err.value)
 
 
 @pytest.mark.slow

@@ -115,8 +115,8 @@ def test_every_run_carries_the_slurm_job_it_ran_as(slurm_run, slurm):
         assert job in jobs, f"{run.info.run_name}: Slurm job {job!r} is not one the cluster ran"
         if run.data.tags[T.LEVEL] in ("trial", "member"):
             assert jobs[job]["rule"] in KERAS_RULES
-        if run.data.tags[T.LEVEL] == "study":  # opened by a tune_backbone worker, ended by collect_study
-            assert jobs[job]["rule"] == "collect_study"
+        if run.data.tags[T.LEVEL] == "study":  # a one-worker study: one job tunes and writes its tables
+            assert jobs[job]["rule"] == "tune_backbone"
         if run.data.tags[T.LEVEL] in ("trial", "member"):  # the device the job used: Slurm's card
             assert run.data.tags[T.DEVICE] == "gpu:0", run.info.run_name
 

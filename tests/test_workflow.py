@@ -55,7 +55,8 @@ def test_default_config_dag_has_every_stage(tmp_path, snakemake, write_config, j
     assert counts["ingest_archive"] == 2 and counts["combine_datasets"] == 1
     assert counts["make_splits"] == n_d
     assert counts["extract_features"] == n_d * n_b
-    assert counts["tune_backbone"] == n_d * n_b and counts["collect_study"] == n_d * n_b  # one worker per study
+    # One worker per study: one job runs its trials and writes its tables (no collect_study job).
+    assert counts["tune_backbone"] == n_d * n_b and "collect_study" not in counts and "tune_worker" not in counts
     assert counts["train_member"] == n_d * n_b * n_s
     assert counts["aggregate_ensemble"] == n_d * n_b
     assert counts["fuse_predictions"] == n_d
@@ -96,11 +97,13 @@ def test_only_listed_datasets_and_no_tuning_when_budget_is_zero(tmp_path, snakem
 
 
 def test_parallel_studies_run_their_workers_then_one_collecting_job(tmp_path, smk):
-    """tune.workers: 2 gives every study two tuning jobs (worker0, worker1: each a GPU job with its
-    log and benchmark file) and one collect_study job after them, which the members wait for."""
+    """tune.workers: 2 gives every study two tuning jobs (tune_worker worker0, worker1: each a GPU
+    job with its log and benchmark file) and one collect_study job after them, which the members
+    wait for; no one-worker study job (tune_backbone)."""
     smk.write_config(tmp_path, {"datasets": ["ALL_IDB2"], "tune": {"workers": 2}})
     counts = smk.scheduled(tmp_path)
-    assert counts["tune_backbone"] == 2 * 3 and counts["collect_study"] == 3  # the default three backbones
+    assert counts["tune_worker"] == 2 * 3 and counts["collect_study"] == 3  # the default three backbones
+    assert "tune_backbone" not in counts
     out = smk.run_checked(tmp_path, "-n", "-p", "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json").stdout
     folder = "tune/ALL_IDB2/fold0/mobilenetv2"
     for worker in (0, 1):
@@ -108,7 +111,7 @@ def test_parallel_studies_run_their_workers_then_one_collecting_job(tmp_path, sm
         assert f"logs/{folder}/worker{worker}.log" in out and f"jobstats/{folder}/worker{worker}.tsv" in out
     assert "worker2" not in out and f"logs/{folder}/collect_study.log" in out
     counts = smk.job_counts(out)
-    assert (counts["tune_backbone"], counts["collect_study"], counts.get("train_member", 0)) == (2, 1, 0)
+    assert (counts["tune_worker"], counts["collect_study"], counts.get("train_member", 0)) == (2, 1, 0)
 
 
 def test_finetune_mode_skips_feature_extraction_for_that_backbone(tmp_path, snakemake, write_config, job_counts):

@@ -1,10 +1,11 @@
-"""Rule tune_backbone: one worker of the Optuna study of one (dataset, fold, backbone), on train
-and validation data only."""
+"""Rules tune_backbone and tune_worker: one worker of the Optuna study of one (dataset, fold,
+backbone), on train and validation data only. A one-worker study's job (tune_backbone) then
+writes the study's tables too, as collect_study does after several workers."""
 
 from _common import context, inputs, run_rule, runtime
 
 from allfuse.settings import TuneSettings
-from allfuse.tuning import TuneJob, tune
+from allfuse.tuning import CollectJob, TuneJob, collect_study, tune
 
 
 def main(smk, log):
@@ -28,6 +29,9 @@ def main(smk, log):
     )
     record = tune(job)
     log.info("study %s, worker %d: ran trials %s", record["study"], record["worker"], record["trials"])
+    if "best" in smk.output.keys():  # tune_backbone: the study's only worker
+        best = collect_study(CollectJob.after(job, smk.output.best, smk.output.trials))
+        log.info("study %s: best trial %d (%s = %.4g)", best["study"], best["trial"], best["objective"], best["value"])
 
 
 if __name__ == "__main__":
