@@ -81,7 +81,7 @@ def resolve_hyperparameters(settings: HybridSettings, best_params_path: str | No
 
 def read_best_params(best_params_path: str) -> dict[str, Any]:
     """The tuned values of a study's best_params.json, checked to be tunable keys."""
-    rule = "tune_backbone (collect_study where tune.workers > 1)"
+    rule = "tune_backbone"  # collect_study where tune.workers > 1; --forcerun <file> reruns the right one
     params = read_record(best_params_path, rule).get("params")
     if not isinstance(params, dict):
         raise IntermediateError(best_params_path, rule, "no 'params' mapping")

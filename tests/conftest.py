@@ -65,6 +65,38 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+def linked_copy(finished: Path, target: Path) -> Path:
+    """A working copy of a finished workflow directory, made in a second where a copy took many:
+    its files hard-linked (a job replaces its outputs, written whole and renamed, and never writes
+    through them; a test that damages a file must replace it too), but the MLflow store and the
+    logs, which are written in place, copied; store.json names the copy's own store. Snakemake's
+    .snakemake/ stays behind: the copy starts with no lock and no job records."""
+    import json
+    import shutil
+
+    from allfuse import tracking
+
+    shutil.copytree(finished, target, ignore=shutil.ignore_patterns(".snakemake", "mlflow", "logs"),
+                    copy_function=_link_or_copy)  # fmt: skip
+    shutil.copytree(finished / "results/mlflow", target / "results/mlflow")
+    if (finished / "logs").is_dir():
+        shutil.copytree(finished / "logs", target / "logs")
+    store = target / "results/mlflow/store.json"
+    info = json.loads(store.read_text())
+    info["uri"] = tracking.resolve_uri(None, target / "results/mlflow")
+    store.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return target
+
+
 def wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> None:
     """Wait until ``pattern`` appears in the file ``path`` while ``proc`` (Snakemake) still runs."""
     deadline = time.time() + timeout

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MICRO_CONFIG, wait_for
+from conftest import MICRO_CONFIG, linked_copy, wait_for
 
 from allfuse import tags as T
 from allfuse import tracking
@@ -410,28 +410,30 @@ def _run_and_kill(smk, workdir: Path, target: str | None, log: Path, pattern: st
 
 
 def test_a_member_killed_mid_training_leaves_nothing_and_its_recovery_matches_a_clean_run(finished, smk, tmp_path):
-    """The member's subtree only (data, its backbone's features and study, the member): what the
-    kill and the rerun touch. Everything downstream is a pure function of the member's files."""
-    smk.write_config(tmp_path, MICRO)
+    """In a copy of the finished run (``conftest.linked_copy``) without one member: only that
+    member is scheduled, killed while it trains, and retrained. Everything downstream is a pure
+    function of the member's files."""
+    work = linked_copy(finished, tmp_path / "copy")
     rel = "results/members/ALL_IDB2/fold0/mobilenetv2/seed1"
-    member = tmp_path / rel
-    member_log = tmp_path / "logs/members/ALL_IDB2/fold0/mobilenetv2/seed1.log"
-    _run_and_kill(smk, tmp_path, f"{rel}/run.json", member_log, r"epoch 1: ")
+    member = work / rel
+    for path in member.iterdir():
+        path.unlink()
+    assert smk.scheduled(work, f"{rel}/run.json") == {"train_member": 1}  # no data, features or study again
+    member_log = work / "logs/members/ALL_IDB2/fold0/mobilenetv2/seed1.log"
+    member_log.unlink()  # the finished run's, copied: the pattern must come from the new job
+    _run_and_kill(smk, work, f"{rel}/run.json", member_log, r"epoch 1: ")
     assert "epoch 10:" not in member_log.read_text()  # it was killed while training
-    leftovers = [p.name for p in member.glob("*") if not p.name.startswith(".")] if member.exists() else []
-    assert leftovers == []
+    assert [p.name for p in member.glob("*") if not p.name.startswith(".")] == []
 
-    run_dag(smk, tmp_path, f"{rel}/run.json")
-    client, runs = store_runs(tmp_path)
+    run_dag(smk, work, f"{rel}/run.json")
+    client, runs = store_runs(work)
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert [r.info.run_name for r in killed] == ["member-ALL_IDB2-fold0-mobilenetv2-seed1"]  # only the killed job's
-    # Nothing else is left RUNNING but the ensembles' parent runs init_tracking made, which await
-    # members this targeted run did not train.
-    assert {r.data.tags[T.LEVEL] for r in runs if r.info.status not in ("FINISHED", "KILLED")} <= {"ensemble"}
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
     # The recovered member is the clean run's, to the bit: same predictions, same training history.
     assert (member / "predictions.csv").read_bytes() == (finished / rel / "predictions.csv").read_bytes()
     untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_rows(d / rel / "history.csv")]
-               for d in (tmp_path, finished)]  # fmt: skip
+               for d in (work, finished)]  # fmt: skip
     assert untimed[0] == untimed[1] and len(untimed[0]) == MICRO["hybrid"]["epochs"]
     # Run ids derive from provenance: equal across stores, except for the retried member's new attempt.
     _, clean_runs = store_runs(finished)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import linked_copy
 from test_end_to_end import (
     MICRO,
     _run_and_kill,
@@ -28,23 +29,28 @@ from allfuse import tags as T
 pytestmark = pytest.mark.slow
 
 
-def test_a_study_killed_mid_trial_resumes_and_completes(smk, tmp_path):
-    config = copy.deepcopy(MICRO)
-    config["backbones"] = {"mobilenetv2": {"input_size": 32}}
-    config["tune"] |= {"n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
-    smk.write_config(tmp_path, config)
-    best = tmp_path / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
-    tune_log = tmp_path / "logs/tune/ALL_IDB2/fold0/mobilenetv2/worker0.log"  # the study's one worker
-    _run_and_kill(smk, tmp_path, str(best.relative_to(tmp_path)), tune_log, r"trial 1 epoch 1: ")
+def test_a_study_killed_mid_trial_resumes_and_completes(kfold, smk, tmp_path):
+    """In a copy of the k-fold run (``conftest.linked_copy``: its data, features and store, no
+    study), a study of fold 0 is the one job to run; killed at its second trial, then rerun."""
+    work = linked_copy(kfold, tmp_path / "copy")
+    config = copy.deepcopy(KFOLD)
+    config["tune"] = {**MICRO["tune"], "n_trials": 3, "epochs": 10, "n_warmup_steps": 10}
+    smk.write_config(work, config)
+    best = work / "results/tune/ALL_IDB2/fold0/mobilenetv2/best_params.json"
+    target = str(best.relative_to(work))
+    assert smk.scheduled(work, target) == {"tune_backbone": 1}
+    tune_log = work / "logs/tune/ALL_IDB2/fold0/mobilenetv2/worker0.log"  # the study's one worker
+    tune_log.unlink(missing_ok=True)  # none in the k-fold run (no study); the pattern must be the new job's
+    _run_and_kill(smk, work, target, tune_log, r"trial 1 epoch 1: ")
     assert not best.exists()
 
-    run_dag(smk, tmp_path, str(best.relative_to(tmp_path)))
+    run_dag(smk, work, target)
     record = yaml.safe_load(best.read_text())
     resumed = re.search(r"(\d+) of 3 trials finished \((\d+) resumed", tune_log.read_text())
     assert resumed and resumed.groups() == ("1", "2")  # trial 0 finished, trials 0 and 1 in the file
     assert record["n_complete"] + record["n_pruned"] == 3 and record["n_failed"] == 1
 
-    client, runs = store_runs(tmp_path)
+    client, runs = store_runs(work)
     studies = [r for r in runs if r.data.tags[T.LEVEL] == "study"]
     assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the killed study's run, resumed
     killed = [r for r in runs if r.info.status == "KILLED"]

@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import linked_copy
 
 from allfuse import tags as T
 from allfuse import tracking
@@ -332,13 +333,6 @@ def digests(root: Path) -> dict[str, tuple[int, int, int]]:
             for st in (p.stat(),)}  # fmt: skip
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system
-        shutil.copy2(src, dst)
-
-
 @pytest.fixture(scope="module")
 def finished(interrupted) -> Path:
     assert interrupted.final.returncode == 0, "the interrupted DAG did not finish"
@@ -351,19 +345,9 @@ def damaged_copy(finished, tmp_path, monkeypatch):
     own MLflow store), one file damaged; the process works in it. Returns (copy, digests before)."""
 
     def make(rel: str, how: str) -> tuple[Path, dict[str, tuple[int, int, int]]]:
-        root = tmp_path / "tree"
         # Results as hard links (a copy of the tree per case cost seconds each): readers write
         # nothing, which the test checks, and the damaged file is replaced, not written through.
-        # The MLflow store and the logs are copied: an adapter run by hand writes its log.
-        shutil.copytree(finished, root, ignore=shutil.ignore_patterns(".snakemake", "mlflow", "logs"),
-                        copy_function=_link_or_copy)  # fmt: skip
-        shutil.copytree(finished / "results/mlflow", root / "results/mlflow")
-        if (finished / "logs").is_dir():
-            shutil.copytree(finished / "logs", root / "logs")
-        store = root / "results/mlflow/store.json"
-        info = json.loads(store.read_text())
-        info["uri"] = tracking.resolve_uri(None, root / "results/mlflow")
-        store.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        root = linked_copy(finished, tmp_path / "tree")
         before = digests(root)
         damage(root / rel, how)
         monkeypatch.chdir(root)
