@@ -347,6 +347,10 @@ def reap_dead_runs(uri: str, exp_id: str, keep: str | None = None, superseded: s
             continue
         if run.info.run_id == keep or pid == os.getpid() or pid_alive(pid):
             continue
+        # The process may have ended its run and exited between the search and the check: its
+        # process gone, the run's status is final now, so it is read again before it is judged.
+        if retry(c.get_run, run.info.run_id).info.status != "RUNNING":
+            continue
         retry(c.set_terminated, run.info.run_id, "KILLED")
         reaped.append(run.info.run_id)
         why = f"its process {pid} is gone" if pid else "a new run of that name replaces it"

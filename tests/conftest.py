@@ -76,20 +76,20 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def linked_copy(finished: Path, target: Path) -> Path:
     """A working copy of a finished workflow directory, made in a second where a copy took many:
-    its files hard-linked (a job replaces its outputs, written whole and renamed, and never writes
-    through them; a test that damages a file must replace it too), but the MLflow store and the
-    logs, which are written in place, copied; store.json names the copy's own store. Snakemake's
+    the files under results/ hard-linked (a job replaces its outputs, written whole and renamed, and
+    never writes through them; a test that damages a file must replace it too), but the MLflow
+    store, which is written in place, copied, and so is everything outside results/ (config.yaml,
+    which a test may rewrite; the logs); store.json names the copy's own store. Snakemake's
     .snakemake/ stays behind: the copy starts with no lock and no job records."""
     import json
     import shutil
 
     from allfuse import tracking
 
-    shutil.copytree(finished, target, ignore=shutil.ignore_patterns(".snakemake", "mlflow", "logs"),
+    shutil.copytree(finished, target, ignore=shutil.ignore_patterns(".snakemake", "results"))
+    shutil.copytree(finished / "results", target / "results", ignore=shutil.ignore_patterns("mlflow"),
                     copy_function=_link_or_copy)  # fmt: skip
     shutil.copytree(finished / "results/mlflow", target / "results/mlflow")
-    if (finished / "logs").is_dir():
-        shutil.copytree(finished / "logs", target / "logs")
     store = target / "results/mlflow/store.json"
     info = json.loads(store.read_text())
     info["uri"] = tracking.resolve_uri(None, target / "results/mlflow")

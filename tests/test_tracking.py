@@ -99,6 +99,23 @@ def test_dead_runs_of_any_job_are_marked_killed_but_kept_awaiting_foreign_and_li
     ]
 
 
+def test_a_run_its_process_ended_just_before_exiting_is_not_reaped(mlflow_store, monkeypatch):
+    """The race of two jobs: one lists the RUNNING runs, the other ends its run FINISHED and exits,
+    then the first finds that process gone. The finished run stays FINISHED."""
+    store = mlflow_store.experiment("reap-race")
+    tags = {T.HOST: socket.gethostname(), T.PID: "999999999"}
+    run = tracking.create_run(store.uri, store.experiment_id, "member", tags)
+    c = tracking.client(store.uri)
+
+    def ended_then_gone(pid: int) -> bool:  # the owner ends its run, then exits, after the search
+        c.set_terminated(run.run_id, "FINISHED")
+        return False
+
+    monkeypatch.setattr(tracking, "pid_alive", ended_then_gone)
+    assert tracking.reap_dead_runs(store.uri, store.experiment_id) == []
+    assert c.get_run(run.run_id).info.status == "FINISHED"
+
+
 def test_pid_alive_says_no_for_a_zombie():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
