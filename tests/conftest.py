@@ -42,12 +42,17 @@ LAYOUT = {"ALL_IDB1": ("im", ".jpg", "JPEG"), "ALL_IDB2": ("img", ".tif", "TIFF"
 SIZES = {"ALL_IDB1": (40, 30), "ALL_IDB2": (24, 24)}
 
 
-#: Test files that run whole DAGs or start services, longest first (minutes each on 2 cores). They
-#: are collected first, so pytest-xdist's workers (``--dist loadfile`` hands out files in
-#: collection order as workers free up) start them at once and fill in with the short files,
-#: instead of meeting two long files one after the other at the end.
+#: Test files that run whole DAGs or start services, longest first (minutes each on 2 cores), then
+#: those that train in their own processes (tens of seconds). They are collected first, so
+#: pytest-xdist's workers (``--dist loadfile --no-loadscope-reorder`` hands out files in collection
+#: order as workers free up) start them at once and fill in with the short files, instead of
+#: meeting two long files one after the other at the end. Without --no-loadscope-reorder, xdist
+#: sorts files by their number of tests: the DAG files came last, and the suite took 13.7 min
+#: where the same tests in this order take less (README, "Performance").
 LONG_FILES = ("test_end_to_end.py", "test_faults.py", "test_end_to_end_kfold.py", "test_slurm.py",
-              "test_benchmarks_workflow.py", "test_benchmarks.py", "test_tracking_server.py")  # fmt: skip
+              "test_benchmarks_workflow.py", "test_benchmarks.py", "test_tracking_server.py", "test_tuning.py",
+              "test_resources.py", "test_training.py", "test_members.py", "test_predictor.py", "test_workflow.py",
+              "test_tracking.py", "test_scale.py", "test_models.py")  # fmt: skip
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -376,8 +381,11 @@ def mlflow_store(tmp_path_factory):
     return SimpleNamespace(uri=uri, root=root, experiment=experiment)
 
 
-#: The micro end-to-end config: the whole DAG (one dataset, three backbones, two seeds, a 2-trial
-#: study) in a few minutes on 2 cores. Tests copy it (``copy.deepcopy``) before changing it.
+#: The micro end-to-end config: the whole DAG (one dataset, two backbones, two seeds, a 2-trial
+#: study per backbone) in two minutes on 2 cores. Tests copy it (``copy.deepcopy``) before changing
+#: it. Two backbones are what fusion, the package and every staleness check need; EfficientNetB3,
+#: the third, runs end to end in the k-fold DAG (tests/test_end_to_end_kfold.py), and
+#: tests/test_models.py builds every backbone.
 MICRO_CONFIG = {
     "datasets": ["ALL_IDB2"],
     "data": {"image_size": 48},
@@ -393,7 +401,6 @@ MICRO_CONFIG = {
     "hybrid": {"gru_units": 8, "dense_units": 8, "batch_size": 16, "epochs": 10, "patience": 10, "augment_views": 1},
     "backbones": {
         "inceptionv3": {"input_size": 75},
-        "efficientnetb3": {"input_size": 32},
         "mobilenetv2": {"input_size": 32},
     },
     "ensemble": {"seeds": [1, 2]},
@@ -621,29 +628,30 @@ def new_tree(tmp_path):
     return lambda sub="tree": PredictionTree(tmp_path / sub)
 
 
-#: Benchmark scripts whose smoke run must say it ran on the CPU when there is no GPU.
+#: Benchmark scripts whose smoke run must say it ran on the CPU when there is no GPU (and does
+#: not stop at a dry run).
 SAYS_DEVICE = ("gpu_check.py", "bench_paper_gpu.py")
 
 
 @pytest.fixture(scope="session")
 def smoke_run():
-    """``smoke_run(script, headers)``: run ``benchmarks/<script> --smoke`` from the repository root
-    as a user runs it (no GPU claimed by workflow jobs) and check it exits 0, says SMOKE RUN and
-    prints a table line starting with each of ``headers`` (a string or several); the scripts that
-    pick a device must say they ran on the CPU when there is no GPU."""
+    """``smoke_run(script, headers, *args)``: run ``benchmarks/<script> --smoke [args]`` from the
+    repository root as a user runs it (no GPU claimed by workflow jobs) and check it exits 0, says
+    SMOKE RUN and prints a table line starting with each of ``headers`` (a string or several); the
+    scripts that pick a device must say they ran on the CPU when there is no GPU."""
 
-    def run(script: str, headers: str | tuple[str, ...]) -> subprocess.CompletedProcess:
+    def run(script: str, headers: str | tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
         import sys
 
         env = {**os.environ, "ALLFUSE_GPU_JOBS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        out = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=REPO, env=env,
+        out = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", *args], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
         assert out.returncode == 0, f"{script} --smoke exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
         lines = out.stdout.splitlines()
         for head in (headers,) if isinstance(headers, str) else headers:
             assert any(line.startswith(head) for line in lines), f"{script} printed no table headed {head!r}:\n{out.stdout}"
         assert "SMOKE RUN" in out.stdout
-        if script in SAYS_DEVICE:
+        if script in SAYS_DEVICE and "--dry-run" not in args:
             from allfuse.gpu import count_gpus
 
             assert count_gpus() > 0 or "the CPU" in out.stdout, f"{script} --smoke did not say it ran on the CPU"

@@ -224,6 +224,9 @@ def test_the_rerun_completes_with_nothing_lost_and_no_run_left_running(interrupt
     # Nothing lost: the study kept its killed trial (FAIL) and topped up to its budget.
     best = json.loads((workdir / TUNE_OUT[0]).read_text())
     assert (best["n_complete"] + best["n_pruned"], best["n_failed"]) == (1, 1)
+    assert re.search(r"0 of 1 trials finished \(1 resumed", (workdir / TUNE_LOG).read_text())
+    trials = [by_id[i] for i, n in killed.items() if n.startswith("trial-")]
+    assert len(trials) == 1 and trials[0].data.tags[T.TRIAL_STATE] == "FAIL"
     rows = {(r["level"], r["rule"]): r for r in _rows(workdir / "results/tables/metrics.csv")}
     assert {level for level, _ in rows} == {"member", "ensemble", "baseline", "fusion"}
     assert {rule for level, rule in rows if level == "fusion"} >= {"sum", "product", "max", "majority", "weighted_sum"}
