@@ -10,8 +10,8 @@
   its run ends KILLED, and its rerun gives the clean run's member bit for bit (run ids included,
   but the retried member's, a new attempt in the same store);
 - a packaged predictor, ``allfuse predict``, the served model and the MLflow UI (test_end_to_end_kfold.py:
-  a repeated k-fold DAG and a study killed mid-trial, in a file of their own so that the test
-  runners can run them beside this one);
+  a k-fold DAG with a fine-tuned backbone, in a file of its own so that the test runners can run
+  it beside this one);
 - nothing is written into the source tree.
 
 Each run uses its own temporary working directory holding only config.yaml; the Snakefile (and

@@ -298,7 +298,18 @@ def test_allfuse_predict_lists_a_corrupt_image_and_predicts_the_rest(tiny, tmp_p
 
 
 @pytest.mark.slow
-def test_allfuse_predict_names_a_bad_model_in_one_line(tiny, tmp_path):
+def test_allfuse_predict_names_a_bad_model_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """``allfuse.cli.main`` in this process (the model is refused before anything loads; the
+    console script's own exit status: the test above)."""
+    from allfuse import cli
+
+    def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
     image = tmp_path / "cell.png"
     image.write_bytes(png(tiny["images"][0]))
     from allfuse import tracking
@@ -310,7 +321,7 @@ def test_allfuse_predict_names_a_bad_model_in_one_line(tiny, tmp_path):
         ("models:/allfuse-NOPE/1", store, "cannot be loaded"),
         ("models:/allfuse-NOPE/1", f"sqlite:///{tmp_path / 'elsewhere.db'}", "no tracking store at"),
     ]:
-        done = _run_cli("predict", str(image), "--model", uri, "--tracking-uri", where, cwd=tmp_path)
+        done = run_cli("predict", str(image), "--model", uri, "--tracking-uri", where, cwd=tmp_path)
         assert done.returncode == 1
         errors = [line for line in done.stderr.splitlines() if line.startswith("allfuse: error:")]
         assert len(errors) == 1 and uri in errors[0] and expected in errors[0], done.stderr[-2000:]
@@ -323,6 +334,6 @@ def test_allfuse_predict_names_a_bad_model_in_one_line(tiny, tmp_path):
     spec_file = predictor_folder(old) / P.SPEC_FILE
     spec_file.write_text(spec_file.read_text().replace(f'"allfuse_version": "{allfuse.__version__}"',
                                                        '"allfuse_version": "0.0.1"'))  # fmt: skip
-    done = _run_cli("predict", str(image), "--model", str(old), cwd=tmp_path)
+    done = run_cli("predict", str(image), "--model", str(old), cwd=tmp_path)
     assert done.returncode == 1 and "packaged by allfuse 0.0.1" in done.stderr
     assert "Traceback" not in done.stderr
