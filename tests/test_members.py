@@ -252,15 +252,17 @@ def test_test_images_never_reach_training(head_member):
 
 
 @pytest.mark.slow
-def test_four_members_started_at_once_on_one_store_all_succeed(tmp_path, mlflow_store, head_inputs, hybrid):
-    """As four train_member jobs of one ensemble starting together on the store init_tracking made."""
+def test_three_members_started_at_once_on_one_store_all_succeed(tmp_path, mlflow_store, head_inputs, hybrid):
+    """As the three train_member jobs of a smallest ensemble starting together on the store
+    init_tracking made (tests/test_tracking.py has eight processes logging to one store at once)."""
     import pickle
 
+    seeds = (1, 2, 3)
     inputs = head_inputs(tmp_path)
-    store = mlflow_store.experiment("members-four")
+    store = mlflow_store.experiment("members-three")
     parent = parent_run(tmp_path, store)
     jobs = []
-    for seed in (1, 2, 3, 4):
+    for seed in seeds:
         job = make_job(tmp_path / f"seed{seed}", inputs, hybrid(**HEAD), store, parent, seed=seed,
                        runtime=Runtime(tmp_path / "locks", 1, True))  # fmt: skip
         path = tmp_path / f"job{seed}.pickle"
@@ -284,10 +286,10 @@ def test_four_members_started_at_once_on_one_store_all_succeed(tmp_path, mlflow_
         assert proc.returncode == 0, err[-3000:]
     run_ids = {out.strip().splitlines()[-1] for out, _ in results}
     finished = {r.info.run_id: r for r in member_runs(store)}
-    assert run_ids == set(finished) and len(run_ids) == 4
+    assert run_ids == set(finished) and len(run_ids) == len(seeds)
     assert {r.info.status for r in finished.values()} == {"FINISHED"}
-    assert {r.data.tags["allfuse.seed"] for r in finished.values()} == {"1", "2", "3", "4"}
-    for seed in (1, 2, 3, 4):
+    assert {r.data.tags["allfuse.seed"] for r in finished.values()} == {str(seed) for seed in seeds}
+    for seed in seeds:
         assert (tmp_path / f"seed{seed}" / "member" / "run.json").is_file()
 
 
