@@ -139,6 +139,20 @@ def tracking_uri(given: str | None) -> str:
     return given or resolve_uri(None, Path("results") / "mlflow")
 
 
+@contextlib.contextmanager
+def no_bytecode() -> Iterator[None]:
+    """No bytecode is written in the block. MLflow loads a packaged model by importing its entry
+    file (models from code) where it lies: in a local model folder, or, for a ``models:/`` URI on a
+    local store, in the registry's own artifact folder. Python would cache the compiled entry in a
+    ``__pycache__`` beside it, so reading a model would change the model's files."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
 def load_model(uri: str, store: str) -> tuple[Any, PredictorSpec]:
     """The pyfunc model at ``uri`` and its predictor spec; one AllfuseError naming the URI when it
     cannot be found or read, or was packaged by another allfuse version."""
@@ -155,7 +169,7 @@ def load_model(uri: str, store: str) -> tuple[Any, PredictorSpec]:
     if uri.startswith("sqlite:") or (not is_local and store.startswith("sqlite:///") and not Path(store[10:]).is_file()):
         raise AllfuseError(f"model {uri}: no tracking store at {store}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
     try:
-        with fluent_store(store):
+        with fluent_store(store), no_bytecode():
             local = uri if is_local else mlflow.artifacts.download_artifacts(artifact_uri=uri)
             spec = read_spec(serving.predictor_folder(local), where=uri)
             model = mlflow.pyfunc.load_model(local)

@@ -247,11 +247,14 @@ def test_each_member_logs_its_model_and_the_registry_holds_one_version(finished)
 
 @pytest.fixture(scope="module")
 def predicted(finished, smk) -> dict[str, dict]:
-    """`allfuse predict` on the micro archive with the registered model (models:/.../latest)."""
+    """`allfuse predict` on the micro archive with the registered model (models:/.../latest), with
+    Python's default of writing bytecode: on this local store MLflow imports the version's entry
+    file from the registry's own folder, which must stay as registered (next test)."""
     store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())["uri"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run([str(Path(smk.exe).with_name("allfuse")), "predict", "results/demo/ALL_IDB2.zip", "--model",
                            f"models:/{PREDICTOR}/latest", "--tracking-uri", store],
-                          cwd=finished, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=finished, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"predicted with {PREDICTOR}/1" in done.stderr.splitlines()[-1]
     return {r["image_id"]: r for r in csv.DictReader(io.StringIO(done.stdout))}  # no --out: the CSV on stdout
@@ -263,10 +266,13 @@ def test_allfuse_predict_gives_the_runs_fused_test_predictions(finished, predict
     assert {r["model_version"] for r in predicted.values()} == {f"{PREDICTOR}/1"}
 
 
-def test_the_local_copy_is_the_registered_model(finished, tmp_path):
+def test_the_local_copy_is_the_registered_model(finished, predicted, tmp_path):
     """results/models/<dataset>/model, which `allfuse predict --model` takes without a tracking
     store, holds the registered version's files byte for byte (so it answers as the version does;
-    `allfuse predict` on a local model folder and on loose image files: test_predictor.py)."""
+    `allfuse predict` on a local model folder and on loose image files: test_predictor.py), and
+    `allfuse predict` (``predicted``) left the version it read as registered: no bytecode of its
+    entry file in it. (`mlflow models serve` on this local store, the next test, would write one:
+    MLflow's own import of the entry, outside allfuse.)"""
     import mlflow
 
     store = yaml.safe_load((finished / "results/mlflow/store.json").read_text())["uri"]
